@@ -24,6 +24,7 @@ ATTACKS: Registry[type["Attack"]] = Registry("attack", package="attacks")
 register_attack = ATTACKS.register
 
 # Facts an attack may need from the threat model (see `fedsim.threat.TrainMeta`).
+HOOK_KEYS = ("name", "targets", "sample")  # keys of the attack node that belong to the hook, not the attack
 CAPABILITIES = frozenset({"batch_size", "local_steps", "lr", "labels", "buffers"})
 
 
@@ -69,5 +70,5 @@ def build_attack(node: Any, prefix: str = "attack") -> Attack:
     values = dict(_plain(node) or {})
     name = values.get("name")
     cls = ATTACKS.get(name, key=f"{prefix}.name")
-    config = build_config(cls.Config, values, prefix, ignore=("name", "targets", "max_targets"))
+    config = build_config(cls.Config, values, prefix, ignore=HOOK_KEYS)
     return cls(config)

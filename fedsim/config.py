@@ -163,3 +163,158 @@ def to_dict(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: to_dict(v) for k, v in obj.items()}
     return obj
+
+
+# --- the run configuration ---------------------------------------------------------------------------------------
+
+MODES = ("fedsgd", "fedavg")
+
+
+@dataclass(frozen=True)
+class FLConfig:
+    clients: int = knob(4, ge=1, help="number of clients (SuperNodes), one data partition each")
+    rounds: int = knob(3, ge=1, help="federated rounds")
+    clients_per_round: int | None = knob(None, ge=1, help="clients sampled per round (None: all)")
+    batch_size: int = knob(8, ge=1, help="samples per local step")
+    mode: str = knob("fedsgd", choices=MODES, help="fedsgd: one batch, the gradient is the update; "
+                                                     "fedavg: local SGD steps, the weight delta is the update")
+    local_steps: int = knob(1, ge=1, help="SGD steps per round in fedavg")
+    lr: float = knob(0.1, gt=0.0, help="learning rate (client SGD in fedavg, server step in fedsgd)")
+    min_clients: int = knob(1, ge=1, help="a round with fewer healthy replies is skipped")
+    timeout: float = knob(600.0, gt=0.0, help="seconds the server waits for a round's replies")
+
+
+@dataclass(frozen=True)
+class ThreatConfig:
+    """What the honest-but-curious server is granted (it set these itself, so all but labels default to true)."""
+
+    batch_size: bool = knob(True, help="the attacker knows the client batch size")
+    local_steps: bool = knob(True, help="the attacker knows the number of local steps")
+    lr: bool = knob(True, help="the attacker knows the client learning rate")
+    labels: bool = knob(False, help="the attacker is given the true labels")
+    buffers: bool = knob(False, help="clients share BatchNorm statistics with their update")
+
+
+@dataclass(frozen=True)
+class AttackTargets:
+    targets: Any = knob("all", help="clients to attack: all, N (the first N), or a list of client ids")
+    sample: int | None = knob(None, ge=1, help="attack at most this many of the targeted replies per round")
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    grid_clients: int = knob(2, ge=0, help="image grids for this many clients in the first and last round")
+    grid_every_round: bool = knob(False, help="grids in every round, not only the first and last")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The whole validated configuration of one run. Plug-in nodes stay raw (dicts) and are built by name."""
+
+    seed: int
+    fl: FLConfig
+    partition: Any
+    threat: ThreatConfig
+    targets: AttackTargets
+    output: OutputConfig
+    faults: Any
+    audit: bool
+    verbose: bool
+    data: dict
+    model: dict
+    attack: dict
+    defense: dict
+    runtime: dict
+    raw: dict = field(repr=False, default_factory=dict)
+
+
+def validate(cfg: Any, *, deep: bool = True) -> RunConfig:
+    """Check every value of a composed config. `deep` also loads the data and checks the attack on the model.
+
+    Raises ConfigError (or AttackNotApplicable / DatasetNotFound) with a one-line message.
+    """
+    from attacks.base import build_attack
+    from defenses.base import build_defense
+    from fedsim.data import data_config
+    from fedsim.data.partition import partition_config
+    from fedsim.faults import fault_config
+    from fedsim.models import model_config
+    from fedsim.runtime import runtime_config
+
+    raw = _plain(cfg)
+    if not isinstance(raw, Mapping):
+        raise ConfigError("config", raw, "a mapping")
+    known = {"seed", "fl", "partition", "threat", "output", "faults", "audit", "verbose", "data", "model", "attack",
+             "defense", "runtime", "hydra", "experiment", "study", "tracking"}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(str(key), raw[key], f"a known key ({', '.join(sorted(known - {'hydra'}))})")
+    seed = _coerce("seed", raw.get("seed", 0), int)
+    fl = build_config(FLConfig, raw.get("fl"), "fl")
+    if fl.clients_per_round is not None and fl.clients_per_round > fl.clients:
+        raise ConfigError("fl.clients_per_round", fl.clients_per_round, f"at most fl.clients={fl.clients}")
+    if fl.min_clients > (fl.clients_per_round or fl.clients):
+        raise ConfigError("fl.min_clients", fl.min_clients, f"at most the clients per round ({fl.clients_per_round or fl.clients})")
+    attack_node = dict(raw.get("attack") or {})
+    targets = build_config(AttackTargets, {k: attack_node[k] for k in ("targets", "sample") if k in attack_node}, "attack")
+    _check_targets(targets.targets, fl.clients)
+    run = RunConfig(
+        seed=seed, fl=fl, partition=partition_config(raw.get("partition")),
+        threat=build_config(ThreatConfig, raw.get("threat"), "threat"), targets=targets,
+        output=build_config(OutputConfig, raw.get("output"), "output"), faults=fault_config(raw.get("faults")),
+        audit=_coerce("audit", raw.get("audit", True), bool), verbose=_coerce("verbose", raw.get("verbose", False), bool),
+        data=dict(raw.get("data") or {}), model=dict(raw.get("model") or {}), attack=attack_node,
+        defense=dict(raw.get("defense") or {"name": "none"}), runtime=dict(raw.get("runtime") or {"name": "inline"}),
+        raw=dict(raw),
+    )
+    data_config(run.data)
+    model_config(run.model)
+    runtime_config(run.runtime)
+    attack = build_attack(run.attack)
+    build_defense(run.defense)
+    if deep:
+        _deep_checks(run, attack)
+    return run
+
+
+def _check_targets(targets: Any, clients: int) -> None:
+    if targets == "all":
+        return
+    if isinstance(targets, int) and not isinstance(targets, bool):
+        if not 1 <= targets <= clients:
+            raise ConfigError("attack.targets", targets, f"all, a count between 1 and fl.clients={clients}, or a list of ids")
+        return
+    if isinstance(targets, (list, tuple)) and targets and all(isinstance(t, int) and 0 <= t < clients for t in targets):
+        return
+    raise ConfigError("attack.targets", targets, f"all, a count N, or a list of client ids in 0..{clients - 1}")
+
+
+def _deep_checks(run: RunConfig, attack: Any) -> None:
+    """Checks that need the data and the model: batch size against partitions, the attack against the model."""
+    from fedsim.data import load_dataset
+    from fedsim.data.partition import partition
+    from fedsim.models import build_model
+    from fedsim.threat import TrainMeta
+
+    bundle = load_dataset(run.data)
+    parts = partition(bundle.train_y, run.fl.clients, run.partition, run.seed)
+    smallest = min(len(p) for p in parts)
+    if run.fl.batch_size > smallest:
+        raise ConfigError("fl.batch_size", run.fl.batch_size,
+                          f"at most {smallest} (the smallest client's data with fl.clients={run.fl.clients})")
+    model = build_model(run.model, bundle.input_shape, bundle.num_classes, run.seed)
+    attack.check(model, threat_meta(run, bundle))
+
+
+def threat_meta(run: RunConfig, bundle: Any) -> Any:
+    """The TrainMeta template the threat model grants for this run (per-observation fields left empty)."""
+    from fedsim.threat import TrainMeta
+
+    t = run.threat
+    return TrainMeta(
+        mode=run.fl.mode, input_shape=bundle.input_shape, num_classes=bundle.num_classes,
+        normalization=bundle.normalization,
+        batch_size=run.fl.batch_size if t.batch_size else None,
+        local_steps=(1 if run.fl.mode == "fedsgd" else run.fl.local_steps) if t.local_steps else None,
+        lr=run.fl.lr if t.lr else None,
+    )

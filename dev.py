@@ -1,0 +1,72 @@
+#!/usr/bin/env python3
+"""Everything on a fresh machine with only Python 3.11: `python3 dev.py demo` and `python3 dev.py test`.
+
+Creates the virtual environment `.venv` on first use (and refreshes it when pyproject.toml changes), then runs:
+  demo   the main job: an attack-vs-defense experiment on embedded data, with its table and pictures
+  test   the test suite (slow studies excluded; they live in benchmarks/)
+  fedsim ARGS / report ARGS / pytest ARGS   the tools themselves, inside the environment
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+STAMP = VENV / ".fedsim-installed"
+
+
+def _python311() -> str:
+    if sys.version_info[:2] == (3, 11):
+        return sys.executable
+    found = shutil.which("python3.11")
+    if not found:
+        sys.exit("fedsim needs Python 3.11 (python3.11 was not found on PATH)")
+    return found
+
+
+def ensure_venv() -> None:
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    if STAMP.exists() and STAMP.read_text() == digest:
+        return
+    if not (BIN / "python").exists():
+        print("creating .venv (first run: installs PyTorch, Flower, Hydra; a few minutes)", flush=True)
+        subprocess.run([_python311(), "-m", "venv", str(VENV)], check=True)
+    pip = [str(BIN / "python"), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
+    subprocess.run(pip + ["--upgrade", "pip"], check=True)
+    subprocess.run(pip + ["-e", f"{ROOT}[dev]"], check=True)
+    STAMP.write_text(digest)
+
+
+def run(argv: list[str]) -> int:
+    env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_TELEMETRY_ENABLED": "0",
+           "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(argv, cwd=ROOT, env=env).returncode
+
+
+def main() -> int:
+    if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    command, args = sys.argv[1], sys.argv[2:]
+    ensure_venv()
+    if command == "demo":
+        return run([str(BIN / "fedsim"), *args])
+    if command == "test":
+        return run([str(BIN / "python"), "-m", "pytest", "-q", "-m", "not slow", *args])
+    if command in ("fedsim", "pytest"):
+        return run([str(BIN / command), *args])
+    if command == "report":
+        return run([str(BIN / "fedsim-report"), *args])
+    print(f"unknown command {command!r}\n{__doc__}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""What the user sees while a run goes: a progress bar over rounds, one line per round, a summary table."""
+
+from __future__ import annotations
+
+import sys
+from collections import defaultdict
+from collections.abc import Mapping
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+
+def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+def _mean(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+class RunConsole:
+    """Progress and per-round lines on stderr-safe rich output; quiet when `enabled` is False."""
+
+    def __init__(self, rounds: int, title: str, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.console = Console(stderr=False, highlight=False, force_terminal=None if sys.stdout.isatty() else False)
+        self.rounds = rounds
+        self.rows: list[dict[str, Any]] = []
+        self._progress: Progress | None = None
+        self._task = None
+        self.title = title
+
+    def start(self) -> None:
+        if not self.enabled:
+            return
+        self.console.print(f"[bold]{self.title}[/bold]")
+        self._progress = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
+                                  MofNCompleteColumn(), TimeElapsedColumn(), console=self.console, transient=True)
+        self._progress.start()
+        self._task = self._progress.add_task("rounds", total=self.rounds)
+
+    def round_done(self, server_round: int, evaluation: Mapping[str, Any], attacks: list[dict],
+                   faults: list[dict], skipped: str | None) -> None:
+        by_attack: dict[str, list[dict]] = defaultdict(list)
+        for row in attacks:
+            by_attack[row["attack"]].append(row)
+        summary = {"round": server_round, "accuracy": evaluation.get("accuracy"), "loss": evaluation.get("loss"),
+                   "faults": len(faults), "skipped": skipped, "attacks": {}}
+        parts = []
+        for name, rows in by_attack.items():
+            exact_samples = sum(round((r.get("exact") or 0) * (r.get("batch") or 0)) for r in rows)
+            total = sum(r.get("batch") or 0 for r in rows)
+            stats = {"exact": _mean([r.get("exact") for r in rows]), "psnr": _mean([r.get("psnr") for r in rows]),
+                     "ssim": _mean([r.get("ssim") for r in rows]), "label_acc": _mean([r.get("label_acc") for r in rows]),
+                     "certified": sum(1 for r in rows if r.get("certified")), "clients": len(rows),
+                     "errors": sum(1 for r in rows if r.get("error"))}
+            summary["attacks"][name] = stats
+            text = f"{name} on {len(rows)} client(s):"
+            if total:
+                text += f" exact {exact_samples}/{total} samples,"
+            text += f" PSNR {_fmt(stats['psnr'], '.1f', ' dB')}"
+            if stats["ssim"] is not None:
+                text += f", SSIM {stats['ssim']:.3f}"
+            if stats["label_acc"] is not None:
+                text += f", labels {stats['label_acc']:.0%}"
+            if any(r.get("certified") is not None for r in rows):
+                text += f", certified {stats['certified']}/{len(rows)}"
+            if stats["errors"]:
+                text += f", [red]{stats['errors']} failed[/red]"
+            parts.append(text)
+        self.rows.append(summary)
+        if not self.enabled:
+            return
+        line = f"round {server_round}/{self.rounds}  test acc {_fmt(evaluation.get('accuracy'), '.1%')}"
+        line += f"  loss {_fmt(evaluation.get('loss'), '.3f')}"
+        if faults:
+            kinds = defaultdict(int)
+            for f in faults:
+                kinds[f["fault"]] += 1
+            line += "  [yellow]faults: " + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())) + "[/yellow]"
+        if skipped:
+            line += f"  [red]skipped: {skipped}[/red]"
+        self.console.print(line + ("  | " + " | ".join(parts) if parts else ""), soft_wrap=True)
+        if self._progress is not None:
+            self._progress.advance(self._task)
+
+    def finish(self, directory: str, state: str) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+        if not self.enabled:
+            return
+        names = sorted({n for row in self.rows for n in row["attacks"]})
+        table = Table(title=f"{self.title}: {state}", show_lines=False)
+        table.add_column("round", justify="right")
+        table.add_column("test acc", justify="right")
+        for name in names:
+            table.add_column(f"{name} exact", justify="right")
+            table.add_column(f"{name} PSNR", justify="right")
+            table.add_column(f"{name} SSIM", justify="right")
+        table.add_column("faults", justify="right")
+        for row in self.rows:
+            cells = [str(row["round"]), _fmt(row["accuracy"], ".1%")]
+            for name in names:
+                s = row["attacks"].get(name, {})
+                cells += [_fmt(s.get("exact"), ".0%"), _fmt(s.get("psnr"), ".1f"), _fmt(s.get("ssim"), ".3f")]
+            cells.append(str(row["faults"]))
+            table.add_row(*cells)
+        self.console.print(table)
+        self.console.print(f"results: {directory}")

@@ -1,0 +1,247 @@
+"""What a run leaves on disk, written as it happens so that a crash loses nothing already finished.
+
+    config.yaml      the resolved configuration
+    status.json      {"state": "running" | "complete" | "failed", "rounds_done": k, ...}; a killed run stays "running"
+    results.jsonl    one line per round x client x attack ("kind": "attack"), and per fault ("kind": "fault")
+    rounds.jsonl     one line per round: global test accuracy and loss, replies, faults, privacy spent
+    grids/*.png      originals above reconstructions, for the first clients of the first and last round
+
+Every line is flushed when written; status.json is replaced atomically.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+import math
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+STATUS_FILE, RESULTS_FILE, ROUNDS_FILE, CONFIG_FILE, GRID_DIR = (
+    "status.json", "results.jsonl", "rounds.jsonl", "config.yaml", "grids")
+
+
+def clean(value: Any) -> Any:
+    """JSON-safe: NaN/inf -> None, tensors and numpy scalars -> Python numbers, tuples -> lists."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clean(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return clean(value.tolist())
+    if hasattr(value, "item") and callable(value.item):
+        return clean(value.item())
+    return value
+
+
+class ResultsWriter:
+    """Appends records to a run directory, flushing every line."""
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.dir = Path(directory)
+        self._status: dict[str, Any] = {}
+
+    def start(self, config_yaml: str, rounds_total: int) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        probe = self.dir / ".write-test"
+        try:
+            probe.write_text("")
+            probe.unlink()
+        except OSError as err:
+            from fedsim.errors import ConfigError
+
+            raise ConfigError("hydra.run.dir", str(self.dir), f"a writable directory ({err.strerror})") from None
+        for name in (RESULTS_FILE, ROUNDS_FILE):
+            (self.dir / name).unlink(missing_ok=True)
+        (self.dir / CONFIG_FILE).write_text(config_yaml)
+        self._status = {"state": "running", "rounds_done": 0, "rounds_total": rounds_total,
+                        "started_at": time.time(), "pid": os.getpid()}
+        self._write_status()
+
+    def record(self, row: Mapping[str, Any]) -> None:
+        self._append(RESULTS_FILE, row)
+
+    def round(self, row: Mapping[str, Any]) -> None:
+        self._append(ROUNDS_FILE, row)
+        self._status["rounds_done"] = max(self._status.get("rounds_done", 0), int(row.get("round", 0)))
+        self._write_status()
+
+    def finish(self, state: str = "complete", error: str | None = None) -> None:
+        self._status.update(state=state, finished_at=time.time())
+        if error:
+            self._status["error"] = error
+        self._write_status()
+
+    def _append(self, name: str, row: Mapping[str, Any]) -> None:
+        with open(self.dir / name, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(clean(row), sort_keys=False) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def _write_status(self) -> None:
+        self._status["updated_at"] = time.time()
+        tmp = self.dir / (STATUS_FILE + ".tmp")
+        tmp.write_text(json.dumps(clean(self._status), indent=1))
+        os.replace(tmp, self.dir / STATUS_FILE)
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Records of a JSONL file; a torn last line (the run was killed mid-write) is ignored."""
+    rows = []
+    p = Path(path)
+    if not p.exists():
+        return rows
+    for line in p.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return rows
+
+
+def read_status(directory: str | os.PathLike) -> dict:
+    p = Path(directory) / STATUS_FILE
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def save_grid(path: str | os.PathLike, originals: torch.Tensor, reconstructions: torch.Tensor | None,
+              title: str, captions: list[str] | None = None) -> None:
+    """Originals (top row) above their matched reconstructions (bottom row). Pixels (b, C, H, W) in [0, 1].
+
+    Vectors (b, n) are drawn as heat strips. `captions` go under each reconstruction (e.g. its PSNR).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    b = originals.shape[0]
+    cols = min(b, 16)
+    rows_per = math.ceil(b / cols)
+    fig, axes = plt.subplots(2 * rows_per, cols, figsize=(1.1 * cols + 0.6, 2.5 * rows_per + 0.5), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i in range(b):
+        r, c = 2 * (i // cols), i % cols
+        _show(axes[r][c], originals[i])
+        if reconstructions is not None and i < reconstructions.shape[0]:
+            _show(axes[r + 1][c], reconstructions[i])
+            if captions and i < len(captions):
+                axes[r + 1][c].set_title(captions[i], fontsize=7, y=-0.28)
+    axes[0][0].text(-0.15, 0.5, "original", transform=axes[0][0].transAxes, rotation=90, va="center",
+                    ha="right", fontsize=8)
+    axes[1][0].text(-0.15, 0.5, "recovered", transform=axes[1][0].transAxes, rotation=90, va="center",
+                    ha="right", fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _show(ax, x: torch.Tensor) -> None:
+    x = x.detach().cpu().float()
+    if x.dim() == 3:
+        img = x.clamp(0, 1).permute(1, 2, 0).numpy()
+        ax.imshow(img[..., 0] if img.shape[2] == 1 else img, cmap="gray" if img.shape[2] == 1 else None,
+                  vmin=0, vmax=1, interpolation="nearest")
+    else:
+        ax.imshow(x.reshape(1, -1).numpy(), aspect="auto", cmap="coolwarm", interpolation="nearest")
+
+
+class RunRecorder:
+    """The hook's recorder for a fedsim run: JSONL records, image grids and the console, as rounds finish."""
+
+    def __init__(self, writer: ResultsWriter, *, run_info: Mapping[str, Any], rounds: int, grid_clients: int = 2,
+                 grid_every_round: bool = False, console: Any = None) -> None:
+        self.writer = writer
+        self.info = dict(run_info)           # attack-independent columns: defense, seed, ...
+        self.rounds = rounds
+        self.grid_clients = grid_clients
+        self.grid_every_round = grid_every_round
+        self.console = console
+        self._pending_attacks: list[dict] = []
+        self._pending_faults: list[dict] = []
+        self._round_info: dict[str, Any] = {}
+        self._gridded: dict[int, set[int]] = defaultdict(set)
+
+    # -- hook.Recorder --------------------------------------------------------------------------------------------
+    def on_attack(self, record, truth, meta) -> None:
+        recon, scores = record.reconstruction, record.scores
+        row = {"kind": "attack", "round": record.round, "client": record.client, "attack": record.attack,
+               **self.info}
+        for key in ("psnr", "ssim", "mse", "exact", "label_acc", "matched", "batch"):
+            row[key] = getattr(scores, key) if scores is not None else None
+        row["certified"] = recon.certified if recon is not None else None
+        row["matching_loss"] = recon.matching_loss if recon is not None else None
+        row["recovered"] = int(recon.inputs.shape[0]) if recon is not None and recon.inputs is not None else 0
+        row["seconds"] = record.seconds
+        row["stats"] = dict(recon.stats) if recon is not None else {}
+        row["error"] = record.error
+        self.writer.record(row)
+        self._pending_attacks.append(row)
+        if truth is not None and recon is not None and self._wants_grid(record.round, record.client):
+            self._grid(record, truth, meta)
+
+    def on_fault(self, fault) -> None:
+        row = {"kind": "fault", "round": fault.round, "client": fault.client, "node_id": fault.node_id,
+               "fault": fault.kind, "detail": fault.detail, **self.info}
+        self.writer.record(row)
+        self._pending_faults.append(row)
+
+    def on_round(self, server_round: int, info: Mapping[str, Any]) -> None:
+        self._round_info.update(info)
+
+    # -- server evaluation closes a round ----------------------------------------------------------------------
+    def on_evaluate(self, server_round: int, evaluation: Mapping[str, Any]) -> None:
+        row = {"round": server_round, **evaluation, **self._round_info, "faults": len(self._pending_faults),
+               **self.info}
+        row.setdefault("skipped", None)
+        self.writer.round(row)
+        if server_round > 0 and self.console is not None:
+            self.console.round_done(server_round, evaluation, self._pending_attacks, self._pending_faults,
+                                    row.get("skipped"))
+        self._pending_attacks, self._pending_faults, self._round_info = [], [], {}
+
+    # -- grids ------------------------------------------------------------------------------------------------------
+    def _wants_grid(self, server_round: int, client: int) -> bool:
+        if not self.grid_every_round and server_round not in (1, self.rounds):
+            return False
+        done = self._gridded[server_round]
+        if client in done or len(done) >= self.grid_clients:
+            return False
+        done.add(client)
+        return True
+
+    def _grid(self, record, truth, meta) -> None:
+        from fedsim.metrics import EXACT_TOLERANCE, match, relative_error
+
+        norm = meta.normalization
+        truth_px = norm.to_pixels(truth.inputs)
+        recon = record.reconstruction
+        recon_px = None
+        captions = None
+        if recon.inputs is not None and recon.inputs.shape[0] > 0:
+            raw = norm.to_pixels(recon.inputs.detach().float()).reshape(recon.inputs.shape[0], *truth_px.shape[1:])
+            rows, cols = match(raw, truth_px)
+            recon_px = torch.full_like(truth_px, 0.5)
+            recon_px[torch.as_tensor(cols)] = raw[torch.as_tensor(rows)]
+            per = record.scores.per_sample_psnr if record.scores is not None else ()
+            errors = relative_error(recon_px, truth_px)
+            captions = []
+            for i in range(truth_px.shape[0]):
+                psnr_i = per[i] if i < len(per) else float("nan")
+                mark = " exact" if i in set(cols.tolist()) and errors[i] <= EXACT_TOLERANCE else ""
+                captions.append("-" if psnr_i != psnr_i else f"{psnr_i:.0f} dB{mark}")
+        title = (f"{record.attack}, round {record.round}, client {record.client}"
+                 + (f", defense {self.info.get('defense')}" if self.info.get("defense") not in (None, "none") else ""))
+        name = f"round{record.round:03d}_client{record.client}_{record.attack}.png"
+        save_grid(self.writer.dir / GRID_DIR / name, truth_px, recon_px, title, captions)

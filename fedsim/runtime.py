@@ -1,0 +1,197 @@
+"""Runtimes: where the same ServerApp and ClientApp run.
+
+- `inline`: one process, clients called in turn through an in-memory Grid (no Ray): fast start, for tests,
+  laptops and the demo.
+- `ray`: Flower's Simulation Engine (`flwr.simulation.run_simulation`), clients in Ray actors.
+
+Both pass the run's configuration to the ServerApp through its run config, exactly as `flwr run` does.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import random
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+from uuid import uuid4
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
+from flwr.serverapp import Grid, ServerApp
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedsim.config import _plain, build_config, knob
+from fedsim.registry import Registry
+
+log = logging.getLogger("fedsim")
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    Config: type
+    launch: Callable[..., None]
+
+
+RUNTIMES: Registry[RuntimeSpec] = Registry("runtime")
+
+
+def register_runtime(name: str, config: type):
+    def decorator(fn):
+        RUNTIMES.register(name)(RuntimeSpec(config, fn))
+        return fn
+
+    return decorator
+
+
+def runtime_config(node: Any) -> tuple[str, Any]:
+    values = dict(_plain(node) or {})
+    name = values.get("name", "inline")
+    spec = RUNTIMES.get(name, key="runtime.name")
+    return name, build_config(spec.Config, values, "runtime", ignore=("name",))
+
+
+def launch(run_config: dict, runtime_node: Any, *, clients: int) -> None:
+    """Run fedsim's ServerApp and ClientApp on the configured runtime with `run_config` as the app's run config."""
+    from fedsim.client_app import app as client_app
+    from fedsim.server_app import app as server_app
+
+    name, config = runtime_config(runtime_node)
+    RUNTIMES.get(name).launch(config, server_app, client_app, run_config, clients)
+
+
+def quiet_flower(verbose: bool) -> None:
+    """Flower logs every message at INFO; keep warnings only unless `verbose`."""
+    logger = logging.getLogger("flwr")
+    logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    logger.propagate = False  # Hydra would print every line twice
+    if not verbose:
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=".*deprecated.*")
+
+
+# --- inline: an in-memory Grid -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class InlineConfig:
+    """In-process runtime: no knobs."""
+
+
+class InlineGrid(Grid):
+    """A Grid that delivers each message by calling the ClientApp of its node in this process.
+
+    Instructions are deep-copied (strategies send one RecordDict to every node), exceptions become error replies
+    as on Flower's engines, and every node keeps its own Context across rounds. Relies on two Flower internals
+    that `run_simulation` also uses: the private message id and the process-wide TaskIdentity.
+    """
+
+    def __init__(self, client_app: ClientApp, num_nodes: int, run_config: dict | None = None) -> None:
+        rng = random.Random()  # node ids are random per run, as on a SuperLink: nothing may rely on them
+        self.run_id = rng.getrandbits(63)
+        self.client_app = client_app
+        self.contexts: dict[int, Context] = {}
+        for pid in range(num_nodes):
+            node_id = rng.getrandbits(63)
+            self.contexts[node_id] = Context(run_id=self.run_id, node_id=node_id,
+                                             node_config={"partition-id": pid, "num-partitions": num_nodes},
+                                             state=RecordDict(), run_config=dict(run_config or {}))
+        self._replies: dict[str, Message] = {}
+        self._run = Run.create_empty(run_id=self.run_id)
+
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for msg in messages:
+            msg_id = str(uuid4())
+            msg.metadata.__dict__["_message_id"] = msg_id
+            self._replies[msg_id] = self._deliver(msg)
+            ids.append(msg_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self._replies.pop(i) for i in message_ids if i in self._replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self.pull_messages(self.push_messages(messages))
+
+    def _deliver(self, msg: Message) -> Message:
+        instruction = copy.deepcopy(msg)
+        context = self.contexts.get(msg.metadata.dst_node_id)
+        if context is None:
+            reply = Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="unknown node"), reply_to=instruction)
+        else:
+            try:
+                reply = self.client_app(instruction, context)
+            except Exception as err:  # a client's exception is its reply, as on Flower's engines
+                reason = f"{type(err)}:<'{err}'>"
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
+                                reply_to=instruction)
+        reply.metadata.__dict__["_message_id"] = str(uuid4())
+        return reply
+
+
+@register_runtime("inline", InlineConfig)
+def launch_inline(config: InlineConfig, server_app: ServerApp, client_app: ClientApp, run_config: dict,
+                  clients: int) -> None:
+    grid = InlineGrid(client_app, clients, run_config)
+    TaskIdentity.task_id = 1
+    TaskIdentity.run_id = grid.run_id
+    TaskIdentity.node_id = 0
+    server_context = Context(run_id=grid.run_id, node_id=0, node_config={}, state=RecordDict(),
+                             run_config=dict(run_config))
+    server_app(grid, server_context)
+
+
+# --- ray: Flower's simulation engine -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RayConfig:
+    client_cpus: float = knob(1.0, gt=0.0, help="CPUs reserved per client actor (actors = cpus / client_cpus)")
+    client_gpus: float = knob(0.0, ge=0.0, help="GPUs per client actor (fractions share a GPU)")
+    cpus: int | None = knob(None, ge=1, help="CPUs Ray may use (None: all of this machine's)")
+    object_store_mb: int = knob(256, ge=64, help="Ray object store size in MiB")
+    log_level: str = knob("ERROR", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="Ray's own log level")
+
+
+@register_runtime("ray", RayConfig)
+def launch_ray(config: RayConfig, server_app: ServerApp, client_app: ClientApp, run_config: dict,
+               clients: int) -> None:
+    from flwr.simulation import run_simulation
+
+    from fedsim.server_app import with_run_config
+
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    cpus = config.cpus or os.cpu_count() or 1
+    if config.client_cpus > cpus:
+        from fedsim.errors import ConfigError
+
+        raise ConfigError("runtime.client_cpus", config.client_cpus, f"at most runtime.cpus={cpus}")
+    backend_config = {
+        "client_resources": {"num_cpus": config.client_cpus, "num_gpus": config.client_gpus},
+        "init_args": {"num_cpus": cpus, "logging_level": config.log_level, "log_to_driver": False,
+                      "include_dashboard": False, "object_store_memory": config.object_store_mb * 2**20},
+    }
+    started = time.perf_counter()
+    run_simulation(server_app=with_run_config(server_app, run_config), client_app=client_app,
+                   num_supernodes=clients, backend_config=backend_config)
+    log.info("ray simulation finished in %.1f s", time.perf_counter() - started)

@@ -1,0 +1,163 @@
+"""The fedsim ServerApp (Flower Message API): train, attack every update, score, record.
+
+The app reads the run's configuration from its run config (`fedsim-config`: YAML; `fedsim-output`: the run
+directory), so the same object runs in-process, on Ray's simulation engine and under `flwr run` on a SuperLink.
+`run_federation` holds the whole server side and is what every runtime ends up calling.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import yaml
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from attacks.base import build_attack
+from defenses.base import build_defense
+from fedsim.client_app import AUDIT_FLAG, CONFIG_KEY
+from fedsim.config import RunConfig, validate
+from fedsim.errors import FedsimError
+from fedsim.hook import CLIENT_KEY, CuriousStrategy, ThreatModel
+from fedsim.results import ResultsWriter, RunRecorder
+
+log = logging.getLogger("fedsim")
+
+RUN_CONFIG_KEY = "fedsim-config"
+OUTPUT_KEY = "fedsim-output"
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    config_yaml = str(context.run_config.get(RUN_CONFIG_KEY, "") or "")
+    if not config_yaml:
+        raise FedsimError(f"run config '{RUN_CONFIG_KEY}' is empty: start runs with the fedsim CLI "
+                          "(fedsim runtime=deployment ...), which passes the composed configuration")
+    output = str(context.run_config.get(OUTPUT_KEY, "") or "outputs/flwr-run")
+    run_federation(grid, validate(yaml.safe_load(config_yaml)), output,
+                   show_progress=bool(context.run_config.get("fedsim-progress", True)))
+
+
+def with_run_config(server_app: ServerApp, run_config: Mapping[str, Any]) -> ServerApp:
+    """A ServerApp that runs `server_app` with `run_config` added to its Context (for runtimes without one)."""
+    wrapper = ServerApp()
+
+    @wrapper.main()
+    def _main(grid: Grid, context: Context) -> None:
+        context.run_config.update(run_config)
+        server_app(grid, context)
+
+    return wrapper
+
+
+def wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
+    """Block until `count` nodes are connected (Flower samples before all have joined otherwise)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= count:
+            return nodes
+        if time.monotonic() > deadline:
+            raise FedsimError(f"only {len(nodes)} of {count} clients connected within {timeout:.0f} s")
+        time.sleep(0.2)
+
+
+def discover_partitions(grid: Grid, nodes: list[int], clients: int, timeout: float) -> dict[int, int]:
+    """Ask every node for its partition id (node ids are random per run): node id -> partition id."""
+    messages = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    partition_of = {}
+    for reply in replies:
+        if reply.has_error():
+            raise FedsimError(f"node {reply.metadata.src_node_id} failed to report its partition: "
+                              f"{reply.error.reason[:200]}")
+        partition_of[reply.metadata.src_node_id] = int(reply.content[CLIENT_KEY]["partition-id"])
+    found = sorted(partition_of.values())
+    if found != list(range(clients)):
+        raise FedsimError(f"expected one client per partition 0..{clients - 1}, the nodes reported {found}")
+    return partition_of
+
+
+def run_federation(grid: Grid, run: RunConfig, output: str, *, show_progress: bool = True) -> dict:
+    """Run the whole federation on `grid`; results go to the directory `output`. Returns the last round's row."""
+    from fedsim.console import RunConsole
+    from fedsim.data import load_dataset
+    from fedsim.faults import LossyGrid
+    from fedsim.models import build_model
+    from fedsim.strategy import FedsimStrategy
+    from fedsim.training import evaluate
+
+    config_yaml = yaml.safe_dump(_shippable(run.raw), sort_keys=False)
+    writer = ResultsWriter(output)
+    writer.start(config_yaml, run.fl.rounds)
+    attack = build_attack(run.attack)
+    defense = build_defense(run.defense)
+    console = RunConsole(run.fl.rounds, f"fedsim: {attack.name} vs defense {defense.name}", enabled=show_progress)
+    try:
+        bundle = load_dataset(run.data)
+
+        def model_fn():
+            return build_model(run.model, bundle.input_shape, bundle.num_classes, run.seed)
+
+        recorder = RunRecorder(writer, run_info={"defense": defense.name, **_prefixed(defense.strength()),
+                                                 "seed": run.seed, "mode": run.fl.mode,
+                                                 "batch_size": run.fl.batch_size},
+                               rounds=run.fl.rounds, grid_clients=run.output.grid_clients,
+                               grid_every_round=run.output.grid_every_round, console=console)
+        nodes = wait_for_nodes(grid, run.fl.clients, run.fl.timeout)
+        partition_of = discover_partitions(grid, nodes, run.fl.clients, run.fl.timeout)
+        if run.faults.dropout > 0:
+            grid = LossyGrid(grid, run.faults, run.seed, partition_of)
+        strategy = FedsimStrategy(partition_of=partition_of, mode=run.fl.mode, lr=run.fl.lr, seed=run.seed,
+                                  clients_per_round=run.fl.clients_per_round)
+        t = run.threat
+        threat = ThreatModel(
+            mode=run.fl.mode, batch_size=run.fl.batch_size if t.batch_size else None,
+            local_steps=run.fl.local_steps if t.local_steps else None, lr=run.fl.lr if t.lr else None,
+            input_shape=bundle.input_shape, num_classes=bundle.num_classes, normalization=bundle.normalization,
+            grant_labels=t.labels, share_buffers=t.buffers)
+        hook = CuriousStrategy(strategy, [attack], model_fn, threat, targets=run.targets.targets,
+                               sample=run.targets.sample, seed=run.seed, recorder=recorder,
+                               min_clients=run.fl.min_clients)
+        sample_rate = (run.fl.clients_per_round or run.fl.clients) / run.fl.clients
+        eval_model = model_fn()
+        last: dict = {}
+        round_started = [time.perf_counter()]
+
+        def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+            eval_model.load_state_dict(arrays.to_torch_state_dict())
+            accuracy, loss = evaluate(eval_model, bundle.test_x, bundle.test_y)
+            row = {"accuracy": accuracy, "loss": loss,
+                   "seconds": time.perf_counter() - round_started[0], **defense.privacy(server_round, sample_rate)}
+            recorder.on_evaluate(server_round, row)
+            last.clear()
+            last.update(round=server_round, **row)
+            round_started[0] = time.perf_counter()
+            return MetricRecord({"accuracy": accuracy, "loss": loss})
+
+        console.start()
+        train_config = ConfigRecord({CONFIG_KEY: config_yaml, AUDIT_FLAG: bool(run.audit)})
+        hook.start(grid, ArrayRecord(model_fn().state_dict()), num_rounds=run.fl.rounds, timeout=run.fl.timeout,
+                   train_config=train_config, evaluate_fn=evaluate_fn)
+    except BaseException as err:
+        state = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+        writer.finish(state, error=f"{type(err).__name__}: {err}")
+        console.finish(str(writer.dir), state)
+        raise
+    writer.finish("complete")
+    console.finish(str(writer.dir), "complete")
+    return last
+
+
+def _prefixed(strength: Mapping[str, float]) -> dict:
+    return {f"defense_{k}": v for k, v in strength.items()}
+
+
+def _shippable(raw: Mapping[str, Any]) -> dict:
+    """The config clients receive: everything but Hydra's own node."""
+    return {k: v for k, v in raw.items() if k != "hydra"}

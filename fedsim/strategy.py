@@ -1,0 +1,96 @@
+"""fedsim's own server strategy: FedAvg or FedSGD with reproducible client sampling and aggregation order.
+
+Flower's FedAvg samples nodes with the global `random` module over node ids that are random per run, and sums
+replies in arrival order. Here clients are sampled by partition id from a generator seeded with (seed, round), and
+replies are aggregated sorted by partition id, so the same config and seed give the same model on every runtime.
+In FedSGD the replies carry gradients: the new model is `global - lr * weighted mean gradient`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fedsim.hook import CLIENT_KEY
+
+
+def partition_of_reply(reply: Message, partition_of: Mapping[int, int]) -> int:
+    record = reply.content.config_records.get(CLIENT_KEY) if reply.has_content() else None
+    if record is not None and "partition-id" in record:
+        return int(record["partition-id"])
+    return partition_of.get(reply.metadata.src_node_id, 1 << 62)
+
+
+class FedsimStrategy(FedAvg):
+    """FedAvg (weights) or FedSGD (gradients) over clients sampled reproducibly by partition id."""
+
+    def __init__(self, *, partition_of: Mapping[int, int], mode: str, lr: float, seed: int,
+                 clients_per_round: int | None = None) -> None:
+        super().__init__(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=1, min_evaluate_nodes=0,
+                         min_available_nodes=1)
+        self.partition_of = dict(partition_of)           # node id -> partition id
+        self.node_of = {p: n for n, p in self.partition_of.items()}
+        self.mode, self.lr, self.seed = mode, lr, seed
+        self.clients_per_round = clients_per_round
+        self._global: dict[int, dict[str, torch.Tensor]] = {}
+
+    def sample(self, server_round: int) -> list[int]:
+        """Partition ids of the clients trained in `server_round` (sorted)."""
+        partitions = sorted(self.node_of)
+        k = self.clients_per_round or len(partitions)
+        if k >= len(partitions):
+            return partitions
+        rng = np.random.default_rng([self.seed, server_round, 0x5E])
+        return sorted(int(p) for p in rng.choice(partitions, size=k, replace=False))
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        config["server-round"] = server_round
+        if self.mode == "fedsgd":
+            self._global[server_round] = arrays.to_torch_state_dict()
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=self.node_of[p],
+                        group_id=str(server_round)) for p in self.sample(server_round)]
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return []  # the server evaluates the global model itself (evaluate_fn)
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = sorted(replies, key=lambda r: partition_of_reply(r, self.partition_of))
+        global_state = self._global.pop(server_round, None)
+        if self.mode == "fedavg":
+            return super().aggregate_train(server_round, replies)
+        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        if not valid or global_state is None:
+            return None, None
+        return self._sgd_step(valid, global_state), self.train_metrics_aggr_fn(
+            [m.content for m in valid], self.weighted_by_key)
+
+    def _sgd_step(self, replies: list[Message], global_state: dict[str, torch.Tensor]) -> ArrayRecord:
+        """global - lr * (weighted mean gradient) for parameters; weighted mean for buffers the clients sent."""
+        weights = [float(next(iter(r.content.metric_records.values()))[self.weighted_by_key]) for r in replies]
+        total = sum(weights)
+        states = [r.content[self.arrayrecord_key].to_torch_state_dict() for r in replies]
+        buffers = set()
+        for r in replies:
+            info = r.content.config_records.get(CLIENT_KEY)
+            if info is not None and "buffers" in info:
+                buffers.update(info["buffers"])
+        new_state = {}
+        for name, value in global_state.items():
+            if not value.is_floating_point():
+                new_state[name] = states[0].get(name, value) if name in buffers else value
+                continue
+            mean = sum((w / total) * s[name].to(torch.float64) for w, s in zip(weights, states))
+            if name in buffers:
+                new_state[name] = mean.to(value.dtype)
+            else:
+                new_state[name] = (value.to(torch.float64) - self.lr * mean).to(value.dtype)
+        return ArrayRecord(new_state)
