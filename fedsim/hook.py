@@ -146,12 +146,14 @@ class CuriousStrategy(Strategy):
     targets: "all", an int N (clients 0..N-1) or a list of client ids; sample: attack at most this many per round.
     recorder: receives attack records, faults and round summaries (default: kept in memory).
     drop_faulty: leave replies with NaN/Inf or wrong shapes out of aggregation (they would poison the model).
+    client_of_node: node id -> client id when known (else taken from replies, or numbered in order of arrival).
     """
 
     def __init__(self, strategy: Strategy, attacks: Sequence[Attack], model_fn: Callable[[], nn.Module],
                  threat: ThreatModel = ThreatModel(), *, targets: Any = "all", sample: int | None = None,
                  seed: int = 0, recorder: Recorder | None = None, scorer: Scorer = default_scorer,
-                 drop_faulty: bool = True, min_clients: int = 1, arrayrecord_key: str | None = None) -> None:
+                 drop_faulty: bool = True, min_clients: int = 1, arrayrecord_key: str | None = None,
+                 client_of_node: Mapping[int, int] | None = None) -> None:
         self.inner = strategy
         self.attacks = list(attacks)
         self.model_fn = model_fn
@@ -166,7 +168,7 @@ class CuriousStrategy(Strategy):
         self.arrayrecord_key = arrayrecord_key or getattr(strategy, "arrayrecord_key", "arrays")
         self._sent: dict[int, list[int]] = {}
         self._global: dict[int, dict[str, Tensor]] = {}
-        self._client_ids: dict[int, int] = {}   # node id -> client id when replies carry no partition id
+        self._client_ids: dict[int, int] = dict(client_of_node or {})  # node id -> client id
         self._param_names: list[str] | None = None
 
     # -- delegation ---------------------------------------------------------------------------------------------

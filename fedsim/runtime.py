@@ -91,8 +91,11 @@ class InlineGrid(Grid):
     that `run_simulation` also uses: the private message id and the process-wide TaskIdentity.
     """
 
-    def __init__(self, client_app: ClientApp, num_nodes: int, run_config: dict | None = None) -> None:
-        rng = random.Random()  # node ids are random per run, as on a SuperLink: nothing may rely on them
+    def __init__(self, client_app: ClientApp, num_nodes: int, run_config: dict | None = None,
+                 node_seed: int | None = None) -> None:
+        # Node ids are random per run, as on a SuperLink, so nothing can rely on them; `node_seed` fixes them
+        # (to compare two runs of a strategy that samples by node id).
+        rng = random.Random(node_seed)
         self.run_id = rng.getrandbits(63)
         self.client_app = client_app
         self.contexts: dict[int, Context] = {}
@@ -194,4 +197,4 @@ def launch_ray(config: RayConfig, server_app: ServerApp, client_app: ClientApp, 
     started = time.perf_counter()
     run_simulation(server_app=with_run_config(server_app, run_config), client_app=client_app,
                    num_supernodes=clients, backend_config=backend_config)
-    log.info("ray simulation finished in %.1f s", time.perf_counter() - started)
+    log.debug("ray simulation finished in %.1f s", time.perf_counter() - started)

@@ -123,7 +123,7 @@ def run_federation(grid: Grid, run: RunConfig, output: str, *, show_progress: bo
             grant_labels=t.labels, share_buffers=t.buffers)
         hook = CuriousStrategy(strategy, [attack], model_fn, threat, targets=run.targets.targets,
                                sample=run.targets.sample, seed=run.seed, recorder=recorder,
-                               min_clients=run.fl.min_clients)
+                               min_clients=run.fl.min_clients, client_of_node=partition_of)
         sample_rate = (run.fl.clients_per_round or run.fl.clients) / run.fl.clients
         eval_model = model_fn()
         last: dict = {}

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from fedsim.config import knob
 from fedsim.data import DataBundle, channel_stats, normalize_images, register_dataset, stratified_split
@@ -89,7 +88,7 @@ for _name in _SETS:
 @register_dataset("imagefolder", ImageFolderConfig)
 def load_imagefolder(cfg: ImageFolderConfig) -> DataBundle:
     import torchvision.datasets as tvd
-    from torchvision.io import ImageReadMode, decode_image
+    from PIL import Image
 
     root = _root(cfg.root)
     if not root.is_dir():
@@ -98,12 +97,14 @@ def load_imagefolder(cfg: ImageFolderConfig) -> DataBundle:
     folder = tvd.ImageFolder(str(root))
     if not folder.samples:
         raise DatasetNotFound(f"imagefolder root {root} holds no images in class sub-directories")
-    mode = ImageReadMode.GRAY if cfg.channels == 1 else ImageReadMode.RGB
     images = []
     for path, _ in folder.samples:
-        img = decode_image(path, mode=mode).float()[None] / 255.0
-        images.append(F.interpolate(img, size=(cfg.size, cfg.size), mode="area" if img.shape[-1] >= cfg.size
-                                    else "bilinear", **({} if img.shape[-1] >= cfg.size else {"align_corners": False})))
+        with Image.open(path) as img:
+            img = img.convert("L" if cfg.channels == 1 else "RGB")
+            img = img.resize((cfg.size, cfg.size), Image.Resampling.BOX if min(img.size) >= cfg.size
+                             else Image.Resampling.BILINEAR)
+            arr = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
+        images.append(arr[None, None] if arr.dim() == 2 else arr.permute(2, 0, 1)[None])
     pixels = torch.cat(images).clamp(0, 1)
     y = torch.tensor([label for _, label in folder.samples], dtype=torch.int64)
     train, test = stratified_split(y, cfg.test_fraction, cfg.seed)

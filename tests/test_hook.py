@@ -1,0 +1,153 @@
+"""The curious hook's boundary: attacks never see ground truth, aggregation never sees the audit record."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+
+from attacks.base import Attack
+from fedsim.hook import AUDIT_KEY, CuriousStrategy, MemoryRecorder, ThreatModel, audit_record
+from fedsim.models import build_model
+from fedsim.runtime import InlineGrid
+from fedsim.threat import Observation, Reconstruction
+
+
+class Spy(Attack):
+    """Records what it was given and answers with the analytic inversion of the first layer."""
+
+    name = "spy"
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[Observation] = []
+
+    def reconstruct(self, obs):
+        self.seen.append(obs)
+        gw, gb = obs.gradient()["net.1.weight"], obs.gradient()["net.1.bias"]
+        return Reconstruction(inputs=(gw.T @ gb / gb.dot(gb)).reshape(1, *obs.meta.input_shape))
+
+
+class InnerSpy(FedAvg):
+    def __init__(self):
+        super().__init__(min_available_nodes=1, min_train_nodes=1, fraction_evaluate=0.0)
+        self.replies = []
+
+    def aggregate_train(self, server_round, replies):
+        replies = list(replies)
+        self.replies.extend(replies)
+        return super().aggregate_train(server_round, replies)
+
+
+def _model():
+    return build_model({"name": "fc", "widths": [16]}, (6,), 3, seed=0)
+
+
+def _reply_to(msg, x, y, grads, with_audit=True):
+    content = RecordDict({"arrays": ArrayRecord({k: v for k, v in grads.items()}),
+                          "metrics": MetricRecord({"num-examples": 1})})
+    if with_audit:
+        content[AUDIT_KEY] = audit_record(x, y)
+    return Message(content, reply_to=msg)
+
+
+def _client_app(secret_inputs):
+    from flwr.clientapp import ClientApp
+
+    app = ClientApp()
+
+    @app.train()
+    def train(msg, context):
+        pid = int(context.node_config["partition-id"])
+        model = _model()
+        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        x, y = secret_inputs[pid], torch.tensor([pid % 3])
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        grads = dict(zip([n for n, _ in model.named_parameters()], torch.autograd.grad(loss, list(model.parameters()))))
+        return _reply_to(msg, x, y, grads)
+
+    return app
+
+
+def test_attacks_never_see_ground_truth_and_aggregation_never_sees_the_audit_record():
+    from flwr.supercore.task_identity import TaskIdentity
+
+    secret = [torch.randn(1, 6) for _ in range(3)]
+    grid = InlineGrid(_client_app(secret), 3)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, grid.run_id, 0
+    spy, inner, recorder = Spy(), InnerSpy(), MemoryRecorder()
+    hook = CuriousStrategy(inner, [spy], _model, ThreatModel(mode="fedsgd", input_shape=(6,)), recorder=recorder)
+    hook.start(grid, ArrayRecord(_model().state_dict()), num_rounds=2)
+
+    assert len(spy.seen) == 6
+    for obs in spy.seen:
+        assert obs.meta.labels is None                          # labels not granted
+        assert set(obs.update) == {n for n, _ in _model().named_parameters()}
+        assert not any(torch.equal(v.flatten(), s.flatten()) for v in obs.update.values() for s in secret)
+        assert not hasattr(obs, "truth") and "truth" not in vars(obs.meta)
+    assert inner.replies and all(AUDIT_KEY not in r.content for r in inner.replies)
+    # ...yet the scorer had the truth: the analytic inversion is exact for one sample
+    assert [r.scores.exact for r in recorder.attacks] == [1.0] * 6
+
+
+def test_granted_labels_reach_the_attack_and_nothing_else():
+    from flwr.supercore.task_identity import TaskIdentity
+
+    secret = [torch.randn(1, 6) for _ in range(2)]
+    grid = InlineGrid(_client_app(secret), 2)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, grid.run_id, 0
+    spy = Spy()
+    hook = CuriousStrategy(InnerSpy(), [spy], _model, ThreatModel(mode="fedsgd", input_shape=(6,), grant_labels=True))
+    hook.start(grid, ArrayRecord(_model().state_dict()), num_rounds=1)
+    assert sorted(int(o.meta.labels[0]) for o in spy.seen) == [0, 1]
+    assert all(o.meta.labels.shape == (1,) for o in spy.seen)
+
+
+def test_the_wrapper_does_not_change_aggregation():
+    from flwr.supercore.task_identity import TaskIdentity
+
+    secret = [torch.randn(1, 6) for _ in range(3)]
+    finals = []
+    for wrap in (False, True):
+        random.seed(0)  # FedAvg samples nodes with the global random module
+        grid = InlineGrid(_client_app(secret), 3, node_seed=1)
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, grid.run_id, 0
+        strategy = InnerSpy()
+        if wrap:
+            strategy = CuriousStrategy(strategy, [Spy()], _model, ThreatModel(mode="fedsgd", input_shape=(6,)))
+        finals.append(strategy.start(grid, ArrayRecord(_model().state_dict()), num_rounds=2).arrays)
+    a, b = (f.to_torch_state_dict() for f in finals)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_faulty_replies_are_recorded_and_left_out():
+    from flwr.app import Error
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.clientapp import ClientApp
+
+    app = ClientApp()
+
+    @app.train()
+    def train(msg, context):
+        pid = int(context.node_config["partition-id"])
+        if pid == 0:
+            raise RuntimeError("boom")
+        state = msg.content["arrays"].to_torch_state_dict()
+        if pid == 1:
+            state["net.1.weight"][0, 0] = float("nan")
+        if pid == 2:
+            state["net.1.bias"] = state["net.1.bias"][:-1]
+        content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord({"num-examples": 1})})
+        return Message(content, reply_to=msg)
+
+    grid = InlineGrid(app, 4)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, grid.run_id, 0
+    inner, recorder = InnerSpy(), MemoryRecorder()
+    hook = CuriousStrategy(inner, [Spy()], _model, ThreatModel(mode="fedavg", input_shape=(6,)), recorder=recorder)
+    result = hook.start(grid, ArrayRecord(_model().state_dict()), num_rounds=1)
+    assert sorted(f.kind for f in recorder.faults) == ["crash", "nan", "shape"]
+    assert len(recorder.attacks) == 1                      # only the healthy reply was attacked
+    assert len(inner.replies) == 2                         # healthy + the error reply FedAvg filters itself
+    assert all(np.isfinite(v.numpy()).all() for v in result.arrays.values())

@@ -1,0 +1,55 @@
+import math
+
+import pytest
+import torch
+
+from fedsim.metrics import PSNR_CAP, match, psnr, score, ssim
+
+
+def test_psnr_of_a_known_error():
+    x = torch.full((2, 3, 8, 8), 0.5)
+    assert psnr(x + 0.1, x).tolist() == pytest.approx([20.0, 20.0], abs=1e-4)  # MSE 0.01 -> 20 dB
+    assert psnr(x + 0.01, x)[0].item() == pytest.approx(40.0, abs=1e-3)
+
+
+def test_ssim_is_one_for_identical_images_and_low_for_unrelated_ones():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 3, 32, 32, generator=g)
+    assert ssim(x, x).tolist() == pytest.approx([1.0] * 3, abs=1e-6)
+    assert float(ssim(torch.rand(3, 3, 32, 32, generator=g), x).mean()) < 0.05
+    assert ssim(x[:, :1, :8, :8], x[:, :1, :8, :8]).tolist() == pytest.approx([1.0] * 3, abs=1e-6)  # tiny images
+
+
+def test_matching_undoes_a_permutation_and_scores_once():
+    g = torch.Generator().manual_seed(1)
+    truth = torch.rand(5, 1, 8, 8, generator=g)
+    perm = torch.tensor([3, 0, 4, 1, 2])
+    rows, cols = match(truth[perm], truth)
+    assert perm[torch.as_tensor(rows)].tolist() == cols.tolist()
+    s = score(truth[perm], truth, recon_labels=perm, truth_labels=torch.arange(5))
+    assert s.exact == 1.0 and s.psnr == PSNR_CAP and s.label_acc == 1.0 and s.matched == 5
+
+
+def test_exact_means_relative_error_at_most_1e_3_and_counts_missing_samples():
+    g = torch.Generator().manual_seed(2)
+    truth = torch.rand(4, 3, 8, 8, generator=g) + 0.1
+    near = truth * (1 + 5e-4)        # relative error 5e-4: exact
+    far = truth * (1 + 5e-3)         # relative error 5e-3: not exact
+    assert score(near, truth).exact == 1.0
+    assert score(far, truth).exact == 0.0
+    assert score(near[:2], truth).exact == 0.5    # two of four recovered
+    mixed = torch.cat([near[:3], far[3:]])
+    assert score(mixed, truth).exact == 0.75
+
+
+def test_label_accuracy_without_images_uses_the_multiset_of_labels():
+    s = score(None, torch.zeros(4, 1, 8, 8), recon_labels=torch.tensor([1, 1, 2, 9]),
+              truth_labels=torch.tensor([1, 2, 3, 1]))
+    assert s.label_acc == 0.75 and s.psnr is None and s.exact is None
+
+
+def test_vectors_get_psnr_over_their_range_and_no_ssim():
+    truth = torch.linspace(-2, 2, 40).reshape(2, 20)
+    s = score(truth + 0.04, truth, images=False)
+    assert s.ssim is None
+    assert s.psnr == pytest.approx(10 * math.log10(16 / 0.0016), abs=1e-3)
