@@ -24,7 +24,8 @@ from fedsim.hook import AUDIT_KEY, CLIENT_KEY, audit_record
 from fedsim.training import local_update, seed_for, single_thread
 
 CONFIG_KEY = "fedsim.config"   # in the train ConfigRecord: the run's config as YAML
-AUDIT_FLAG = "fedsim.audit"    # in the train ConfigRecord: send the batch to the scorer (simulation only)
+AUDIT_FLAG = "fedsim.audit"    # in the train ConfigRecord: the server asks for the batch (for the scorer)
+AUDIT_CONSENT = "fedsim-audit"  # in the node config: this node lets its batch go to the scorer
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,16 @@ def client_plan(config_yaml: str) -> ClientPlan:
 
 def plan_of(msg: Message) -> ClientPlan:
     return client_plan(str(msg.content["config"][CONFIG_KEY]))
+
+
+def audit_consent(context: Context) -> bool:
+    """Whether this node's operator lets its true batch leave for the scorer (node config `fedsim-audit=true`).
+
+    The server's request alone is never enough: a real SuperNode sends ground truth only when started with
+    `--node-config "... fedsim-audit=true"`. fedsim's simulation runtimes set it on the virtual nodes they create.
+    """
+    value = context.node_config.get(AUDIT_CONSENT, False)
+    return value is True or str(value).lower() == "true"
 
 
 def partition_id(context: Context) -> int:
@@ -143,6 +154,6 @@ def train(msg: Message, context: Context) -> Message:
         "metrics": MetricRecord({"num-examples": result.num_examples, "train_loss": result.loss}),
         CLIENT_KEY: ConfigRecord({"partition-id": pid, "buffers": result.buffers}),
     })
-    if bool(msg.content["config"].get(AUDIT_FLAG, False)):
+    if bool(msg.content["config"].get(AUDIT_FLAG, False)) and audit_consent(context):
         content[AUDIT_KEY] = audit_record(x[result.used], y[result.used])
     return Message(content, reply_to=msg)

@@ -3,8 +3,11 @@
 - `inline`: one process, clients called in turn through an in-memory Grid (no Ray): fast start, for tests,
   laptops and the demo.
 - `ray`: Flower's Simulation Engine (`flwr.simulation.run_simulation`), clients in Ray actors.
+- `deployment`: Flower's Deployment Engine, `flwr run` against a SuperLink with SuperNodes (`fedsim.deployment`).
 
-Both pass the run's configuration to the ServerApp through its run config, exactly as `flwr run` does.
+All pass the run's configuration to the ServerApp through its run config, exactly as `flwr run` does. The two
+simulation runtimes create their clients themselves, so they also give each virtual node's consent to the audit
+channel (node config `fedsim-audit`); a real SuperNode gives it only when its operator says so.
 """
 
 from __future__ import annotations
@@ -37,14 +40,15 @@ log = logging.getLogger("fedsim")
 class RuntimeSpec:
     Config: type
     launch: Callable[..., None]
+    simulated: bool = True     # clients are virtual nodes this process creates (the default of `audit`)
 
 
 RUNTIMES: Registry[RuntimeSpec] = Registry("runtime")
 
 
-def register_runtime(name: str, config: type):
+def register_runtime(name: str, config: type, *, simulated: bool = True):
     def decorator(fn):
-        RUNTIMES.register(name)(RuntimeSpec(config, fn))
+        RUNTIMES.register(name)(RuntimeSpec(config, fn, simulated))
         return fn
 
     return decorator
@@ -76,6 +80,24 @@ def quiet_flower(verbose: bool) -> None:
         warnings.filterwarnings("ignore", message=".*deprecated.*")
 
 
+# Virtual nodes consent to the audit channel (fedsim.client_app.AUDIT_CONSENT): whoever simulates them owns their data.
+SIMULATED_NODE_CONFIG = {"fedsim-audit": True}
+
+
+class NodeConfigured(ClientApp):
+    """`client_app` run with `node_config` added to each node's Context: the node config of virtual nodes that
+    Flower's Simulation Engine creates itself (it gives them only partition-id and num-partitions)."""
+
+    def __init__(self, client_app: ClientApp, node_config: dict) -> None:
+        super().__init__()
+        self.client_app = client_app
+        self.node_config = dict(node_config)
+
+    def __call__(self, message: Message, context: Context) -> Message:
+        context.node_config.update(self.node_config)
+        return self.client_app(message, context)
+
+
 # --- inline: an in-memory Grid -----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -101,8 +123,8 @@ class InlineGrid(Grid):
         self.contexts: dict[int, Context] = {}
         for pid in range(num_nodes):
             node_id = rng.getrandbits(63)
-            self.contexts[node_id] = Context(run_id=self.run_id, node_id=node_id,
-                                             node_config={"partition-id": pid, "num-partitions": num_nodes},
+            node_config = {"partition-id": pid, "num-partitions": num_nodes, **SIMULATED_NODE_CONFIG}
+            self.contexts[node_id] = Context(run_id=self.run_id, node_id=node_id, node_config=node_config,
                                              state=RecordDict(), run_config=dict(run_config or {}))
         self._replies: dict[str, Message] = {}
         self._run = Run.create_empty(run_id=self.run_id)
@@ -195,6 +217,10 @@ def launch_ray(config: RayConfig, server_app: ServerApp, client_app: ClientApp, 
                       "include_dashboard": False, "object_store_memory": config.object_store_mb * 2**20},
     }
     started = time.perf_counter()
-    run_simulation(server_app=with_run_config(server_app, run_config), client_app=client_app,
+    run_simulation(server_app=with_run_config(server_app, run_config),
+                   client_app=NodeConfigured(client_app, SIMULATED_NODE_CONFIG),
                    num_supernodes=clients, backend_config=backend_config)
     log.debug("ray simulation finished in %.1f s", time.perf_counter() - started)
+
+
+import fedsim.deployment  # noqa: E402,F401  (registers runtime=deployment)

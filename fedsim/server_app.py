@@ -38,9 +38,12 @@ def main(grid: Grid, context: Context) -> None:
     if not config_yaml:
         raise FedsimError(f"run config '{RUN_CONFIG_KEY}' is empty: start runs with the fedsim CLI "
                           "(fedsim runtime=deployment ...), which passes the composed configuration")
+    from fedsim.runtime import quiet_flower
+
     output = str(context.run_config.get(OUTPUT_KEY, "") or "outputs/flwr-run")
-    run_federation(grid, validate(yaml.safe_load(config_yaml)), output,
-                   show_progress=bool(context.run_config.get("fedsim-progress", True)))
+    run = validate(yaml.safe_load(config_yaml))
+    quiet_flower(run.verbose)  # under flwr run this is a process of its own
+    run_federation(grid, run, output, show_progress=bool(context.run_config.get("fedsim-progress", True)))
 
 
 def with_run_config(server_app: ServerApp, run_config: Mapping[str, Any]) -> ServerApp:
