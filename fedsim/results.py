@@ -8,7 +8,8 @@
                      (reconstructions alone when the run has no ground truth, as in deployment)
     reconstructions/*.pt   the same reconstructions as tensors: {"inputs": (b, *shape) model space, "labels"}
 
-Every line is flushed when written; status.json is replaced atomically.
+Every line is flushed when written (a crashed process loses nothing written); lines are synced to disk and
+status.json (replaced atomically) is brought up to date at most once a second while the run goes, and at its end.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+SYNC_SECONDS = 1.0  # while a run goes, lines reach the disk and status.json is rewritten at most this often
 
 STATUS_FILE, RESULTS_FILE, ROUNDS_FILE, CONFIG_FILE, GRID_DIR, RECONSTRUCTION_DIR = (
     "status.json", "results.jsonl", "rounds.jsonl", "config.yaml", "grids", "reconstructions")
@@ -49,6 +52,7 @@ class ResultsWriter:
     def __init__(self, directory: str | os.PathLike) -> None:
         self.dir = Path(directory)
         self._status: dict[str, Any] = {}
+        self._synced = float("-inf")
 
     def start(self, config_yaml: str, rounds_total: int) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -73,21 +77,33 @@ class ResultsWriter:
     def round(self, row: Mapping[str, Any]) -> None:
         self._append(ROUNDS_FILE, row)
         self._status["rounds_done"] = max(self._status.get("rounds_done", 0), int(row.get("round", 0)))
-        self._write_status()
+        # An fsync costs ~4.5 ms and a status rewrite ~4 ms on a busy disk: fine per round of seconds, most of a
+        # 10-client round of 0.1 s. Both happen at most every SYNC_SECONDS, and always at the end.
+        if time.monotonic() - self._synced >= SYNC_SECONDS:
+            self._sync(RESULTS_FILE, ROUNDS_FILE)
+            self._write_status()
 
     def finish(self, state: str = "complete", error: str | None = None) -> None:
         self._status.update(state=state, finished_at=time.time())
         if error:
             self._status["error"] = error
+        self._sync(RESULTS_FILE, ROUNDS_FILE)
         self._write_status()
 
     def _append(self, name: str, row: Mapping[str, Any]) -> None:
         with open(self.dir / name, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(clean(row), sort_keys=False) + "\n")
             fh.flush()
-            os.fsync(fh.fileno())
+
+    def _sync(self, *names: str) -> None:
+        for name in names:
+            path = self.dir / name
+            if path.exists():
+                with open(path, "rb") as fh:
+                    os.fsync(fh.fileno())
 
     def _write_status(self) -> None:
+        self._synced = time.monotonic()
         self._status["updated_at"] = time.time()
         tmp = self.dir / (STATUS_FILE + ".tmp")
         tmp.write_text(json.dumps(clean(self._status), indent=1))

@@ -195,14 +195,13 @@ class RayConfig:
     cpus: int | None = knob(None, ge=1, help="CPUs Ray may use (None: all of this machine's)")
     object_store_mb: int = knob(256, ge=64, help="Ray object store size in MiB")
     log_level: str = knob("ERROR", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="Ray's own log level")
+    pull_interval: float = knob(0.01, gt=0.0, help="seconds between the server's polls for replies (Flower: 0.1)")
 
 
 @register_runtime("ray", RayConfig)
 def launch_ray(config: RayConfig, server_app: ServerApp, client_app: ClientApp, run_config: dict,
                clients: int) -> None:
     from flwr.simulation import run_simulation
-
-    from fedsim.server_app import with_run_config
 
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
@@ -217,10 +216,30 @@ def launch_ray(config: RayConfig, server_app: ServerApp, client_app: ClientApp, 
                       "include_dashboard": False, "object_store_memory": config.object_store_mb * 2**20},
     }
     started = time.perf_counter()
-    run_simulation(server_app=with_run_config(server_app, run_config),
+    run_simulation(server_app=_on_ray(server_app, run_config, config.pull_interval),
                    client_app=NodeConfigured(client_app, SIMULATED_NODE_CONFIG),
                    num_supernodes=clients, backend_config=backend_config)
     log.debug("ray simulation finished in %.1f s", time.perf_counter() - started)
+
+
+
+def _on_ray(server_app: ServerApp, run_config: dict, pull_interval: float) -> ServerApp:
+    """`server_app` with the run config, polling Flower's in-memory Grid for replies every `pull_interval` s.
+
+    Flower's default (0.1 s) rounds every round up to a tenth of a second, which is most of a small round.
+    """
+    from fedsim.server_app import with_run_config
+
+    inner = with_run_config(server_app, run_config)
+    wrapper = ServerApp()
+
+    @wrapper.main()
+    def _main(grid: Grid, context: Context) -> None:
+        if hasattr(grid, "pull_interval"):
+            grid.pull_interval = pull_interval
+        inner(grid, context)
+
+    return wrapper
 
 
 import fedsim.deployment  # noqa: E402,F401  (registers runtime=deployment)
