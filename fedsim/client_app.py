@@ -20,6 +20,7 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from defenses.base import Defense, DefenseContext, build_defense
 from fedsim.arrays import to_state_dict
+from fedsim.audit import may_audit
 from fedsim.config import FLConfig, RunConfig, validate
 from fedsim.faults import InjectedCrash, corrupt, draw_fault
 from fedsim.hook import AUDIT_KEY, CLIENT_KEY, audit_record
@@ -27,7 +28,6 @@ from fedsim.training import local_update, seed_for, single_thread
 
 CONFIG_KEY = "fedsim.config"   # in the train ConfigRecord: the run's config as YAML
 AUDIT_FLAG = "fedsim.audit"    # in the train ConfigRecord: the server asks for the batch (for the scorer)
-AUDIT_CONSENT = "fedsim-audit"  # in the node config: this node lets its batch go to the scorer
 
 
 @dataclass(frozen=True)
@@ -82,16 +82,6 @@ def client_plan(config_yaml: str) -> ClientPlan:
 
 def plan_of(msg: Message) -> ClientPlan:
     return client_plan(str(msg.content["config"][CONFIG_KEY]))
-
-
-def audit_consent(context: Context) -> bool:
-    """Whether this node's operator lets its true batch leave for the scorer (node config `fedsim-audit=true`).
-
-    The server's request alone is never enough: a real SuperNode sends ground truth only when started with
-    `--node-config "... fedsim-audit=true"`. fedsim's simulation runtimes set it on the virtual nodes they create.
-    """
-    value = context.node_config.get(AUDIT_CONSENT, False)
-    return value is True or str(value).lower() == "true"
 
 
 def partition_id(context: Context) -> int:
@@ -174,6 +164,7 @@ def train(msg: Message, context: Context) -> Message:
         "metrics": MetricRecord({"num-examples": result.num_examples, "train_loss": result.loss}),
         CLIENT_KEY: ConfigRecord({"partition-id": pid, "buffers": result.buffers}),
     })
-    if bool(msg.content["config"].get(AUDIT_FLAG, False)) and audit_consent(context):
+    # the server asks, and the node agrees (simulated, or its operator opted in): never the server's say-so alone
+    if bool(msg.content["config"].get(AUDIT_FLAG, False)) and may_audit(context):
         content[AUDIT_KEY] = audit_record(x[result.used], y[result.used])
     return Message(content, reply_to=msg)

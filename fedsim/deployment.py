@@ -200,7 +200,8 @@ class LocalFederation:
     """A SuperLink and `clients` SuperNodes on 127.0.0.1, plain HTTP, stopped (with all they spawned) on exit.
 
     SuperNode i holds partition i (`--node-config "partition-id=i num-partitions=clients"`). With `audit`, each
-    also consents to the audit channel (`fedsim-audit=true`): whoever starts them owns their data.
+    also consents to the audit channel (`fedsim-audit=true`, fedsim.audit.may_audit): whoever starts them owns
+    their data.
     """
 
     def __init__(self, clients: int, directory: Path, *, audit: bool = False, startup_timeout: float = 120.0) -> None:

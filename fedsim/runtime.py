@@ -5,9 +5,7 @@
 - `ray`: Flower's Simulation Engine (`flwr.simulation.run_simulation`), clients in Ray actors.
 - `deployment`: Flower's Deployment Engine, `flwr run` against a SuperLink with SuperNodes (`fedsim.deployment`).
 
-All pass the run's configuration to the ServerApp through its run config, exactly as `flwr run` does. The two
-simulation runtimes create their clients themselves, so they also give each virtual node's consent to the audit
-channel (node config `fedsim-audit`); a real SuperNode gives it only when its operator says so.
+All pass the run's configuration to the ServerApp through its run config, exactly as `flwr run` does.
 """
 
 from __future__ import annotations
@@ -34,6 +32,8 @@ from fedsim.config import _plain, build_config, knob
 from fedsim.registry import Registry
 
 log = logging.getLogger("fedsim")
+
+INLINE_ACTIVE = False  # True while an in-process (inline) federation runs: it is a simulation
 
 
 @dataclass(frozen=True)
@@ -80,24 +80,6 @@ def quiet_flower(verbose: bool) -> None:
         warnings.filterwarnings("ignore", message=".*deprecated.*")
 
 
-# Virtual nodes consent to the audit channel (fedsim.client_app.AUDIT_CONSENT): whoever simulates them owns their data.
-SIMULATED_NODE_CONFIG = {"fedsim-audit": True}
-
-
-class NodeConfigured(ClientApp):
-    """`client_app` run with `node_config` added to each node's Context: the node config of virtual nodes that
-    Flower's Simulation Engine creates itself (it gives them only partition-id and num-partitions)."""
-
-    def __init__(self, client_app: ClientApp, node_config: dict) -> None:
-        super().__init__()
-        self.client_app = client_app
-        self.node_config = dict(node_config)
-
-    def __call__(self, message: Message, context: Context) -> Message:
-        context.node_config.update(self.node_config)
-        return self.client_app(message, context)
-
-
 # --- inline: an in-memory Grid -----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -123,8 +105,8 @@ class InlineGrid(Grid):
         self.contexts: dict[int, Context] = {}
         for pid in range(num_nodes):
             node_id = rng.getrandbits(63)
-            node_config = {"partition-id": pid, "num-partitions": num_nodes, **SIMULATED_NODE_CONFIG}
-            self.contexts[node_id] = Context(run_id=self.run_id, node_id=node_id, node_config=node_config,
+            self.contexts[node_id] = Context(run_id=self.run_id, node_id=node_id,
+                                             node_config={"partition-id": pid, "num-partitions": num_nodes},
                                              state=RecordDict(), run_config=dict(run_config or {}))
         self._replies: dict[str, Message] = {}
         self._run = Run.create_empty(run_id=self.run_id)
@@ -164,12 +146,16 @@ class InlineGrid(Grid):
         if context is None:
             reply = Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="unknown node"), reply_to=instruction)
         else:
+            global INLINE_ACTIVE
+            INLINE_ACTIVE = True
             try:
                 reply = self.client_app(instruction, context)
             except Exception as err:  # a client's exception is its reply, as on Flower's engines
                 reason = f"{type(err)}:<'{err}'>"
                 reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
                                 reply_to=instruction)
+            finally:
+                INLINE_ACTIVE = False
         reply.metadata.__dict__["_message_id"] = str(uuid4())
         return reply
 
@@ -193,7 +179,7 @@ class RayConfig:
     client_cpus: float = knob(1.0, gt=0.0, help="CPUs reserved per client actor (actors = cpus / client_cpus)")
     client_gpus: float = knob(0.0, ge=0.0, help="GPUs per client actor (fractions share a GPU)")
     cpus: int | None = knob(None, ge=1, help="CPUs Ray may use (None: all of this machine's)")
-    object_store_mb: int = knob(256, ge=64, help="Ray object store size in MiB")
+    object_store_mb: int = knob(256, ge=80, help="Ray object store size in MiB (Ray's minimum is 75)")
     log_level: str = knob("ERROR", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="Ray's own log level")
     pull_interval: float = knob(0.01, gt=0.0, help="seconds between the server's polls for replies (Flower: 0.1)")
 
@@ -217,10 +203,9 @@ def launch_ray(config: RayConfig, server_app: ServerApp, client_app: ClientApp, 
     }
     started = time.perf_counter()
     run_simulation(server_app=_on_ray(server_app, run_config, config.pull_interval),
-                   client_app=NodeConfigured(client_app, SIMULATED_NODE_CONFIG),
+                   client_app=client_app,
                    num_supernodes=clients, backend_config=backend_config)
     log.debug("ray simulation finished in %.1f s", time.perf_counter() - started)
-
 
 
 def _on_ray(server_app: ServerApp, run_config: dict, pull_interval: float) -> ServerApp:

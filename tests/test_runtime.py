@@ -7,7 +7,7 @@ import yaml
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from omegaconf import OmegaConf
 
-from fedsim.client_app import AUDIT_CONSENT, AUDIT_FLAG, CONFIG_KEY
+from fedsim.client_app import AUDIT_FLAG, CONFIG_KEY
 from fedsim.client_app import app as client_app
 from fedsim.hook import AUDIT_KEY
 from tests.conftest import fedsim_run
@@ -47,8 +47,10 @@ def test_the_audit_channel_is_on_in_simulation_and_off_in_deployment_unless_aske
     assert validate(_compose(*overrides), deep=False).audit is audit
 
 
-def _train_reply(context_consents: bool | None):
-    """The fedsim ClientApp's reply to a train instruction whose server asks for the audit record."""
+def _train_reply(node_config: dict, *, simulated: bool):
+    """The fedsim ClientApp's reply to a train instruction whose server asks for the audit record, called by an
+    InlineGrid (a simulation) or directly, as a SuperNode's flwr-clientapp process calls it."""
+    from flwr.app import Context
     from flwr.supercore.task_identity import TaskIdentity
 
     from fedsim.data import load_dataset
@@ -56,31 +58,33 @@ def _train_reply(context_consents: bool | None):
     from fedsim.runtime import InlineGrid
 
     raw = _compose("data=digits", "model.widths=[8]", "fl.clients=2", "fl.batch_size=1")
-    grid = InlineGrid(client_app, 2, node_seed=0)
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = grid.run_id, 1, 0
-    node = next(iter(grid.get_node_ids()))
-    if context_consents is None:
-        del grid.contexts[node].node_config[AUDIT_CONSENT]
-    else:
-        grid.contexts[node].node_config[AUDIT_CONSENT] = context_consents
     bundle = load_dataset(raw["data"])
     model = build_model(raw["model"], bundle.input_shape, bundle.num_classes, 0)
     config = ConfigRecord({CONFIG_KEY: yaml.safe_dump(raw), AUDIT_FLAG: True, "server-round": 1})
+    grid = InlineGrid(client_app, 2, node_seed=0)
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = grid.run_id, 1, 0
+    node = next(iter(grid.get_node_ids()))
+    grid.contexts[node].node_config.update(node_config)
     msg = Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": config}),
                   dst_node_id=node, message_type=MessageType.TRAIN)
-    (reply,) = grid.send_and_receive([msg])
+    if simulated:
+        (reply,) = grid.send_and_receive([msg])
+    else:
+        msg.metadata.__dict__["_message_id"] = "instruction"
+        reply = client_app(msg, grid.contexts[node])
     assert not reply.has_error(), reply.error.reason
     return reply
 
 
-def test_a_node_sends_ground_truth_only_with_its_own_consent():
-    assert AUDIT_KEY in _train_reply(True).content                 # simulated nodes (and opted-in SuperNodes)
-    assert AUDIT_KEY not in _train_reply(None).content             # a SuperNode started without fedsim-audit
-    assert AUDIT_KEY not in _train_reply(False).content
+def test_a_node_sends_ground_truth_only_when_simulated_or_its_operator_consents():
+    assert AUDIT_KEY in _train_reply({}, simulated=True).content
+    assert AUDIT_KEY not in _train_reply({}, simulated=False).content               # a SuperNode, server's say-so
+    assert AUDIT_KEY not in _train_reply({"fedsim-audit": False}, simulated=False).content
+    assert AUDIT_KEY in _train_reply({"fedsim-audit": True}, simulated=False).content  # --node-config fedsim-audit=true
 
 
 def test_client_updates_do_not_depend_on_the_audit_channel():
-    with_truth, without = _train_reply(True), _train_reply(None)
+    with_truth, without = _train_reply({}, simulated=True), _train_reply({}, simulated=False)
     a = with_truth.content["arrays"].to_torch_state_dict()
     b = without.content["arrays"].to_torch_state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
