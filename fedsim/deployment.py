@@ -86,7 +86,6 @@ def _submit(home: Path, address: str, app_dir: Path, run_config: dict, *, insecu
     run_config_file.write_text(run_config_toml(run_config))
     env = flower_env(cli_home)
     command = [_binary("flwr"), "run", str(app_dir), CONNECTION, "--stream", "--run-config", str(run_config_file)]
-    log.info("fedsim: flwr run on SuperLink %s", address)
     deadline = None if timeout is None else time.monotonic() + timeout
     run_id = None
     tail: deque[str] = deque(maxlen=40)

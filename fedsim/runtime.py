@@ -187,6 +187,10 @@ class RayConfig:
 @register_runtime("ray", RayConfig)
 def launch_ray(config: RayConfig, server_app: ServerApp, client_app: ClientApp, run_config: dict,
                clients: int) -> None:
+    if logging.getLogger("flwr").level > logging.INFO:  # not verbose: no database-migration chatter (logged on
+        logging.getLogger("alembic").setLevel(logging.WARNING)  # import), no deprecation notice
+        logging.getLogger("flwr").addFilter(_NotDeprecatedRunSimulation())
+
     from flwr.simulation import run_simulation
 
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
@@ -206,6 +210,14 @@ def launch_ray(config: RayConfig, server_app: ServerApp, client_app: ClientApp, 
                    client_app=client_app,
                    num_supernodes=clients, backend_config=backend_config)
     log.debug("ray simulation finished in %.1f s", time.perf_counter() - started)
+
+
+class _NotDeprecatedRunSimulation(logging.Filter):
+    """Drops Flower's notice that `run_simulation` is deprecated, printed on every run: from Python it is still
+    the only entry to the Simulation Engine in flwr 1.41 (`flwr run` is what runtime=deployment uses)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`run_simulation` function is deprecated" not in record.getMessage()
 
 
 def _on_ray(server_app: ServerApp, run_config: dict, pull_interval: float) -> ServerApp:

@@ -1,6 +1,8 @@
 """The same config and seed give the same client updates and metrics in-process and on Ray; the audit channel
 needs the node's consent as well as the server's request."""
 
+import logging
+
 import pytest
 import torch
 import yaml
@@ -15,11 +17,22 @@ from tests.conftest import fedsim_run
 strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
 
 
-def test_ray_and_inline_runtimes_give_identical_updates_and_sample_the_same_clients(tmp_path):
+def test_ray_and_inline_runtimes_give_identical_updates_and_sample_the_same_clients(tmp_path, capfd):
     args = ("attack=analytic", "fl.batch_size=2", "fl.rounds=3", "fl.clients=5", "fl.clients_per_round=2",
             "data=digits", "model.widths=[32]")
     inline = fedsim_run(tmp_path, *args, name="inline")
-    ray = fedsim_run(tmp_path, *args, "runtime=ray", "runtime.cpus=2", name="ray")
+    capfd.readouterr()
+    flower_lines = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = flower_lines.append
+    logging.getLogger("flwr").addHandler(handler)
+    try:
+        ray = fedsim_run(tmp_path, *args, "runtime=ray", "runtime.cpus=2", name="ray")
+    finally:
+        logging.getLogger("flwr").removeHandler(handler)
+    noise = capfd.readouterr()
+    assert noise.out.strip() == "" and noise.err.strip() == "", noise  # Ray and Flower stay quiet by default
+    assert [r.getMessage() for r in flower_lines] == []
     assert ray.status["state"] == "complete"
     picked = {}
     for row in inline.attacks():
