@@ -151,7 +151,11 @@ def run_status(run_id: int, env: dict) -> tuple[str, str]:
 
 
 def _flwr(args: list[str], env: dict) -> str:
-    done = subprocess.run([_binary("flwr"), *args], env=env, capture_output=True, text=True, timeout=120)
+    """Output of one flwr CLI command ('' when it does not answer within two minutes)."""
+    try:
+        done = subprocess.run([_binary("flwr"), *args], env=env, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        return ""
     return done.stdout + done.stderr
 
 

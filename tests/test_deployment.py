@@ -86,3 +86,18 @@ def test_the_run_config_survives_toml_and_ports_are_distinct():
     assert tomllib.loads(run_config_toml(values)) == values
     ports = free_ports(8)
     assert len(set(ports)) == 8
+
+
+def test_a_run_past_its_timeout_is_stopped():
+    from fedsim.deployment import _lines
+    from fedsim.errors import FedsimError
+
+    script = "import time; print('started', flush=True); time.sleep(60)"
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    started = time.monotonic()
+    lines = []
+    with pytest.raises(FedsimError, match="runtime.timeout"):
+        for line in _lines(proc, time.monotonic() + 2.0, None):
+            lines.append(line)
+    stop_processes([proc], grace=5)
+    assert lines == ["started"] and time.monotonic() - started < 15 and proc.poll() is not None
