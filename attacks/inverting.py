@@ -340,6 +340,8 @@ def looks_pruned(update: Mapping[str, Tensor], threshold: float) -> bool:
 
 @dataclass(frozen=True)
 class InvertingConfig:
+    """Knobs of `inverting` (conf/attack/inverting.yaml); `dlg` and `idlg` subclass it with their papers' values."""
+
     iterations: int = knob(1000, ge=1, help="optimiser steps per restart (paper: 24000; ~13 ms each for the CNN)")
     time_budget: float | None = knob(None, gt=0, help="seconds for all restarts together; None: no limit")
     restarts: int = knob(1, ge=1, help="random starts; the lowest matching loss wins (paper: 8 to 32)")
@@ -407,7 +409,8 @@ class InvertingGradients(Attack):
         target = {k: v.detach() for k, v in target.items()}
         stats: dict[str, float | int | bool | str] = {}
         if meta.labels is not None:
-            labels, stats["label_method"] = meta.labels.long().reshape(-1), "granted"
+            device = next(iter(target.values())).device
+            labels, stats["label_method"] = meta.labels.long().reshape(-1).to(device), "granted"
         elif cfg.label_strategy == "analytic":
             grad_w, grad_b = last_layer_gradient(obs.model, target, meta.input_shape)
             labels, stats["label_method"] = recover_labels(grad_w, grad_b, count, cfg.label_method), cfg.label_method
@@ -430,7 +433,9 @@ class InvertingGradients(Attack):
             local_training=training), stats
 
     def settings(self) -> InversionSettings:
-        return InversionSettings(**{f.name: getattr(self.config, f.name) for f in dataclasses.fields(InversionSettings)})
+        """The optimisation knobs of this attack's config."""
+        names = [f.name for f in dataclasses.fields(InversionSettings)]
+        return InversionSettings(**{name: getattr(self.config, name) for name in names})
 
     def reconstruct(self, obs: Observation) -> Reconstruction:
         problem, stats = self.problem(obs)

@@ -232,7 +232,8 @@ def table(rows: list[Row]) -> str:
     groups: dict[tuple, list[Row]] = {}
     for r in rows:
         groups.setdefault((r.attack, r.model, r.batch_size, r.defense), []).append(r)
-    lines = ["| attack | model | b | defense | PSNR dB | SSIM | label acc. | matching loss | iterations | seconds | n |",
+    lines = ["| attack | model | b | defense | PSNR dB | SSIM | label acc. | matching loss | iterations | seconds "
+             "| n |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (attack, model, b, defense), rs in groups.items():
         mean = lambda f: statistics.fmean(getattr(r, f) for r in rs)  # noqa: E731

@@ -105,9 +105,9 @@ def test_dlg_recovers_one_image_from_the_sigmoid_lenet(patches):
 
 
 def test_idlg_recovers_one_image_with_the_analytic_label(patches):
-    # Measured 53.7 dB, loss 4.6e-6.
+    # Half the default budget, to keep the suite short: measured 37.8 dB, loss 4.1e-4 (53.7 dB, 4.6e-6 at 3000).
     obs, x, y = fedsgd(patches, {"name": "lenet"}, [300])
-    rec = build_attack({"name": "idlg"}).reconstruct(obs)
+    rec = build_attack({"name": "idlg", "iterations": 1500}).reconstruct(obs)
     assert rec.stats["label_method"] == "idlg" and rec.labels.tolist() == y.tolist()
     assert psnr(patches, rec.inputs, x)[0] > 30.0
 
