@@ -4,12 +4,18 @@ per-iteration overhead of Inverting Gradients over a bare PyTorch loop.
     PYTHONPATH=. python benchmarks/attacks_bench.py                       # the full grid (tens of minutes on 2 cores)
     PYTHONPATH=. python benchmarks/attacks_bench.py --reduced             # what BENCHMARKS.md records
     PYTHONPATH=. python benchmarks/attacks_bench.py --attacks dlg,inverting,gismn   # add any registered attack
+    PYTHONPATH=. python benchmarks/attacks_bench.py --part fedavg --reduced   # FedAvg: replayed steps vs plain
 
 Every attack runs with its own defaults (conf/attack/<name>.yaml) plus `--time-budget` seconds per reconstruction,
 on 32x32 RGB natural-image patches against untrained models. Defenses are applied to the client's gradient here
 (`prune`: keep the top 10 % of each tensor by magnitude; `noise`: add N(0, sigma^2) per coordinate with sigma the
 RMS of the whole gradient, i.e. a signal-to-noise ratio of 1). Reconstructions are matched to the true batch by one
-Hungarian assignment on MSE before scoring. Results go to the "Optimisation attacks" section of BENCHMARKS.md.
+Hungarian assignment on MSE before scoring. Results go to the "Optimisation attacks" section of BENCHMARKS.md
+(`--part fedavg`: its own "Optimisation attacks: FedAvg local steps" section).
+
+Another registered attack joins the grid through `bench_attack(name, ...)` (or `--attacks`); `knobs` overrides its
+defaults, and `--time-budget` reaches it through a `time_budget` knob when its config has one. It must return
+inputs in model space (`Reconstruction.inputs`).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -33,7 +39,7 @@ from torchmetrics.functional.image import structural_similarity_index_measure
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from attacks.base import build_attack  # noqa: E402
+from attacks.base import ATTACKS, build_attack  # noqa: E402
 from attacks.inverting import invert, pixel_box  # noqa: E402
 from attacks.matching import model_gradients  # noqa: E402
 from fedsim.data import DataBundle, load_dataset  # noqa: E402
@@ -135,7 +141,8 @@ def bench_attack(name: str, data: DataBundle, *, models: list[str], batch_sizes:
                  trials: int, time_budget: float | None, knobs: Mapping[str, object] | None = None,
                  log: Callable[[str], None] = print) -> list[Row]:
     """Run the registered attack `name` over the grid; the hook through which any attack (e.g. `gismn`) joins the
-    table. knobs: overrides of the attack's defaults."""
+    table. knobs: overrides of the attack's defaults; time_budget is passed when its config has that knob."""
+    knob_names = {f.name for f in fields(ATTACKS.get(name).Config)}
     rows = []
     for model_name in models:
         for b in batch_sizes:
@@ -143,7 +150,7 @@ def bench_attack(name: str, data: DataBundle, *, models: list[str], batch_sizes:
                 for trial in range(trials):
                     obs, x, y = observe(data, model_name, b, defense, trial)
                     node = {"name": name, **(knobs or {})}
-                    if time_budget is not None:
+                    if time_budget is not None and "time_budget" in knob_names:
                         node["time_budget"] = time_budget
                     attack = build_attack(node)
                     start = time.perf_counter()
@@ -211,6 +218,76 @@ def overhead(data: DataBundle, model_name: str, batch_size: int, iterations: int
             "ours_all": ours, "bare_all": bare}
 
 
+# --- FedAvg: replaying local steps against matching one gradient -----------------------------------------------
+
+FEDAVG_MODEL = {"name": "cnn", "channels": [16, 32], "hidden": 128}
+
+
+@dataclass(frozen=True)
+class FedAvgRow:
+    local_steps: int
+    lr: float
+    batch_size: int
+    trial: int
+    variant: str  # "unrolled" or "plain"
+    psnr: float
+    ssim: float
+    matching_loss: float
+    iterations: int
+    seconds: float
+
+
+def fedavg_rows(data: DataBundle, *, steps: list[int], lrs: list[float], batch_size: int, trials: int,
+                time_budget: float, log: Callable[[str], None] = print) -> list[FedAvgRow]:
+    """A FedAvg client takes `local_steps` SGD steps on one batch; `inverting` attacks its weight delta with and
+    without replaying the steps, each with the same time budget (the replay costs ~local_steps x per iteration)."""
+    rows = []
+    for local_steps in steps:
+        for lr in lrs:
+            for trial in range(trials):
+                gen = torch.Generator().manual_seed(7000 + trial)
+                idx = torch.randperm(len(data.train_y), generator=gen)[:batch_size]
+                x, y = data.train_x[idx], data.train_y[idx]
+                model = build_model(FEDAVG_MODEL, SHAPE, data.num_classes, seed=trial)
+                local = copy.deepcopy(model)
+                opt = torch.optim.SGD(local.parameters(), lr=lr)
+                for _ in range(local_steps):
+                    opt.zero_grad()
+                    torch.nn.functional.cross_entropy(local(x), y).backward()
+                    opt.step()
+                after = dict(local.named_parameters())
+                delta = {k: (after[k] - p).detach() for k, p in model.named_parameters()}
+                meta = TrainMeta("fedavg", SHAPE, data.num_classes, data.normalization, batch_size=batch_size,
+                                 local_steps=local_steps, lr=lr, num_examples=batch_size)
+                obs = Observation(0, 0, model.eval(), delta, meta)
+                for variant, unroll in (("unrolled", "on"), ("plain", "off")):
+                    attack = build_attack({"name": "inverting", "unroll": unroll, "iterations": 10**6,
+                                           "time_budget": time_budget})
+                    rec = attack.reconstruct(obs)
+                    s = score(data, rec.inputs, rec.labels, x, y)
+                    row = FedAvgRow(local_steps, lr, batch_size, trial, variant, s.psnr, s.ssim,
+                                    float(rec.matching_loss), int(rec.stats["iterations"]), float(rec.stats["seconds"]))
+                    log(json.dumps(asdict(row)))
+                    rows.append(row)
+    return rows
+
+
+def fedavg_table(rows: list[FedAvgRow]) -> str:
+    groups: dict[tuple, dict[str, list[FedAvgRow]]] = {}
+    for r in rows:
+        groups.setdefault((r.local_steps, r.lr), {}).setdefault(r.variant, []).append(r)
+    lines = ["| local steps | lr | unrolled PSNR dB | plain PSNR dB | unrolled SSIM | plain SSIM | unrolled loss "
+             "| plain loss | unrolled it. | plain it. | n |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (local_steps, lr), v in groups.items():
+        mean = lambda variant, f: statistics.fmean(getattr(r, f) for r in v[variant])  # noqa: E731
+        lines.append(f"| {local_steps} | {lr:g} | {mean('unrolled', 'psnr'):.1f} | {mean('plain', 'psnr'):.1f} | "
+                     f"{mean('unrolled', 'ssim'):.3f} | {mean('plain', 'ssim'):.3f} | "
+                     f"{mean('unrolled', 'matching_loss'):.3g} | {mean('plain', 'matching_loss'):.3g} | "
+                     f"{mean('unrolled', 'iterations'):.0f} | {mean('plain', 'iterations'):.0f} | "
+                     f"{len(v['unrolled'])} |")
+    return "\n".join(lines)
+
+
 # --- report ------------------------------------------------------------------------------------------------------
 
 def machine() -> str:
@@ -243,12 +320,12 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, body: str) -> None:
-    """Replace (or append) the "Optimisation attacks" section of BENCHMARKS.md."""
+def write_section(path: Path, body: str, heading: str = SECTION) -> None:
+    """Replace (or append) the section of BENCHMARKS.md that starts with the line `heading`."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = text.find(SECTION)
+    start = text.find(heading + "\n")
     if start >= 0:
-        end = text.find("\n## ", start + len(SECTION))
+        end = text.find("\n## ", start + len(heading))
         text = text[:start] + body + ("" if end < 0 else text[end:])
     else:
         text = text.rstrip("\n") + "\n\n" + body
@@ -257,6 +334,8 @@ def write_section(path: Path, body: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=("grid", "fedavg"), default="grid",
+                        help="grid: attacks x b x defenses and the loop overhead; fedavg: unrolled vs plain matching")
     parser.add_argument("--attacks", default="dlg,inverting", help="registered attack names, comma-separated")
     parser.add_argument("--models", default="lenet,cnn", help="fedsim model names (untrained)")
     parser.add_argument("--batch-sizes", default="1,4,8")
@@ -277,6 +356,10 @@ def main(argv: list[str] | None = None) -> None:
     data = load_dataset({"name": "patches", "size": 32, "channels": 3})
     split = lambda s: [v for v in s.split(",") if v]  # noqa: E731
     budget = args.time_budget if args.time_budget > 0 else None
+    command = "PYTHONPATH=. python benchmarks/attacks_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.part == "fedavg":
+        fedavg(args, data, command.strip())
+        return
 
     started = time.perf_counter()
     cost = {name: overhead(data, name, 1, args.overhead_iterations, args.overhead_repeats)
@@ -289,7 +372,6 @@ def main(argv: list[str] | None = None) -> None:
                              time_budget=budget, log=lambda line: print(line, flush=True))
     total = time.perf_counter() - started
 
-    command = "PYTHONPATH=. python benchmarks/attacks_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
     overhead_lines = "\n".join(
         f"| {model} | {c['ours_ms']:.2f} | {c['bare_ms']:.2f} | {100 * (c['ratio'] - 1):+.1f} % | "
         f"{100 * (c['ratio_of_minima'] - 1):+.1f} % |"
@@ -318,6 +400,33 @@ median of {args.overhead_repeats} interleaved runs of {args.overhead_iterations}
     write_section(args.out, body)
     if args.json is not None:
         args.json.write_text(json.dumps({"rows": [asdict(r) for r in rows], "overhead": cost}, indent=1))
+    print(body)
+
+
+def fedavg(args: argparse.Namespace, data: DataBundle, command: str) -> None:
+    """The FedAvg part: writes its own section of BENCHMARKS.md."""
+    budget = args.time_budget if args.time_budget > 0 else 20.0
+    if args.reduced:
+        args.trials, budget = 2, 20.0
+    started = time.perf_counter()
+    rows = fedavg_rows(data, steps=[2, 5], lrs=[0.05, 0.2], batch_size=1, trials=args.trials, time_budget=budget,
+                       log=lambda line: print(line, flush=True))
+    total = time.perf_counter() - started
+    heading = SECTION + ": FedAvg local steps"
+    body = f"""{heading}
+
+Machine: {machine()}. Command: `{command}` ({total / 60:.0f} min, shared machine).
+A FedAvg client holding one 32x32 patch takes `local steps` plain SGD steps at step size `lr` on the untrained small
+CNN (conv 16-32, FC 128) and sends its weight delta. `inverting` attacks it with the steps replayed differentiably
+(`unroll=on`, matching the delta) and without (`unroll=off`, matching -delta/lr as if it were one gradient), each
+with the same {budget:g} s budget, so plain matching gets several times more iterations. Means over {args.trials}
+images (different model seeds); PSNR / SSIM as above.
+
+{fedavg_table(rows)}
+"""
+    write_section(args.out, body, heading)
+    if args.json is not None:
+        args.json.write_text(json.dumps({"rows": [asdict(r) for r in rows]}, indent=1))
     print(body)
 
 
