@@ -51,7 +51,7 @@ class DeploymentConfig:
     local: bool = knob(False, help="start a SuperLink and fl.clients SuperNodes on 127.0.0.1 for this run")
     app_dir: str | None = knob(None, help="the Flower app to ship (null: this fedsim checkout)")
     flwr_home: str | None = knob(None, help="FLWR_HOME of the flwr CLI (null: a fresh temporary directory)")
-    timeout: float | None = knob(None, gt=0.0, help="seconds the whole run may take before it is stopped (null: no limit)")
+    timeout: float | None = knob(None, gt=0.0, help="seconds the whole run may take, then it stops (null: no limit)")
     startup_timeout: float = knob(120.0, gt=0.0, help="seconds for a local SuperLink to answer its health check")
 
 
@@ -394,7 +394,8 @@ def _binary(name: str) -> str:
 def _app_dir(configured: str | None) -> Path:
     path = Path(configured).expanduser().resolve() if configured else Path(__file__).resolve().parent.parent
     pyproject = path / "pyproject.toml"
-    app = tomllib.loads(pyproject.read_text()).get("tool", {}).get("flwr", {}).get("app") if pyproject.is_file() else None
+    app = (tomllib.loads(pyproject.read_text()).get("tool", {}).get("flwr", {}).get("app")
+           if pyproject.is_file() else None)
     if not app:
         raise ConfigError("runtime.app_dir", str(path), "a Flower app directory (pyproject.toml with [tool.flwr.app])")
     return path

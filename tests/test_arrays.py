@@ -36,7 +36,8 @@ def test_state_dicts_match_flowers():
 
 def test_fedavg_weighted_mean_is_flowers_to_the_bit():
     gen = torch.Generator().manual_seed(0)
-    contents = [RecordDict({"arrays": ArrayRecord({"w": torch.randn(8, 5, generator=gen), "b": torch.randn(8, generator=gen)}),
+    contents = [RecordDict({"arrays": ArrayRecord({"w": torch.randn(8, 5, generator=gen),
+                                                   "b": torch.randn(8, generator=gen)}),
                             "metrics": MetricRecord({"num-examples": n})}) for n in (3, 7, 32, 1)]
     ours, flowers = weighted_mean(contents, "num-examples"), aggregate_arrayrecords(contents, "num-examples")
     assert all(ours[k].data == flowers[k].data for k in ("w", "b"))

@@ -82,7 +82,8 @@ def test_stopping_a_process_also_stops_what_it_detached():
 
 
 def test_the_run_config_survives_toml_and_ports_are_distinct():
-    values = {"fedsim-config": 'a: "quoted"\nb: \\ tab\t del\x7f é\n', "fedsim-output": "/tmp/x", "fedsim-progress": False}
+    values = {"fedsim-config": 'a: "quoted"\nb: \\ tab\t del\x7f é\n', "fedsim-output": "/tmp/x",
+              "fedsim-progress": False}
     assert tomllib.loads(run_config_toml(values)) == values
     ports = free_ports(8)
     assert len(set(ports)) == 8
