@@ -142,8 +142,12 @@ app = ClientApp(mods=[fault_mod, defense_mod])
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Tell the server which partition this node holds (node ids are random per run; partition ids are not)."""
-    return Message(RecordDict({CLIENT_KEY: ConfigRecord({"partition-id": partition_id(context)})}), reply_to=msg)
+    """Tell the server which partition this node holds (node ids are random per run; partition ids are not), and
+    of how many (a SuperNode's operator states both)."""
+    info = {"partition-id": partition_id(context)}
+    if "num-partitions" in context.node_config:
+        info["num-partitions"] = int(context.node_config["num-partitions"])
+    return Message(RecordDict({CLIENT_KEY: ConfigRecord(info)}), reply_to=msg)
 
 
 @app.train()

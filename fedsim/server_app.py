@@ -79,7 +79,11 @@ def discover_partitions(grid: Grid, nodes: list[int], clients: int, timeout: flo
         if reply.has_error():
             raise FedsimError(f"node {reply.metadata.src_node_id} failed to report its partition: "
                               f"{reply.error.reason[:200]}")
-        partition_of[reply.metadata.src_node_id] = int(reply.content[CLIENT_KEY]["partition-id"])
+        info = reply.content[CLIENT_KEY]
+        partition_of[reply.metadata.src_node_id] = int(info["partition-id"])
+        if int(info.get("num-partitions", clients)) != clients:  # its data would be a slice of another split
+            raise FedsimError(f"node {reply.metadata.src_node_id} holds partition {info['partition-id']} of "
+                              f"{info['num-partitions']}, but the run splits the data into fl.clients={clients}")
     found = sorted(partition_of.values())
     if found != list(range(clients)):
         raise FedsimError(f"expected one client per partition 0..{clients - 1}, the nodes reported {found}")

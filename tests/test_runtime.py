@@ -101,3 +101,19 @@ def test_client_updates_do_not_depend_on_the_audit_channel():
     a = with_truth.content["arrays"].to_torch_state_dict()
     b = without.content["arrays"].to_torch_state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_node_holding_a_partition_of_another_split_is_refused():
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedsim.errors import FedsimError
+    from fedsim.runtime import InlineGrid
+    from fedsim.server_app import discover_partitions
+
+    grid = InlineGrid(client_app, 3, node_seed=0)
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = grid.run_id, 1, 0
+    nodes = sorted(grid.get_node_ids())
+    assert sorted(discover_partitions(grid, nodes, 3, timeout=10).values()) == [0, 1, 2]
+    grid.contexts[nodes[0]].node_config["num-partitions"] = 4     # an operator's --node-config "... num-partitions=4"
+    with pytest.raises(FedsimError, match="of 4, but the run splits the data into fl.clients=3"):
+        discover_partitions(grid, nodes, 3, timeout=10)
