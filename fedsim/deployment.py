@@ -109,7 +109,8 @@ def _submit(home: Path, address: str, app_dir: Path, run_config: dict, *, insecu
     finally:
         stop_processes([proc])
     if run_id is None:
-        raise FedsimError(f"flwr run did not start a run on {address}:\n" + "\n".join(tail))
+        message = " ".join(re.sub(r"[│╭╮╰╯─]", " ", line).strip() for line in tail if "Error" not in line)
+        raise FedsimError(f"flwr run started no run on {address}: {' '.join(message.split())[-300:]}")
     status, details = run_status(run_id, env)
     if status != "finished:completed":
         raise FedsimError(f"run {run_id} on {address} ended {status}: {details}")
