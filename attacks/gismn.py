@@ -191,6 +191,8 @@ def recover_labels(grad_weight_last: Tensor, grad_bias_last: Tensor | None, batc
     * B = 1, iDLG (Zhao et al. 2020): the row whose gradient sums lowest, `argmin_m sum_k dW[m, k]`.
     * B > 1, Yin et al. (CVPR 2021): the B classes with the most negative row minimum `min_k dW[m, k]`; exact for
       distinct labels. When B exceeds the number of classes the ranking repeats (a guess for the surplus).
+
+    grad_bias_last is not needed by these two rules; it is in the signature of the shared function.
     """
     classes = grad_weight_last.shape[0]
     if batch_size == 1:
@@ -292,7 +294,7 @@ def run_gismn(generator: MiniStyleGen, match: Callable[[Tensor], Tensor], restar
     shape: the victim's (C, H, W). Returns all restarts; `best` is the one with the lowest final D.
     """
     gen_rng = torch.Generator(device="cpu").manual_seed(config.seed)
-    zdim, num_ws = generator.config.z_dim, generator.num_ws
+    zdim = generator.config.z_dim
     start = time.perf_counter()
     total_iters = config.stage1_iterations + config.stage2_iterations + config.stage3_iterations
     done_iters = 0
