@@ -270,6 +270,21 @@ def test_attack_runs_on_a_grey_batch_through_the_registry(cache):
     assert 0 <= rec.matching_loss <= 2 and rec.stats["stage2_iterations"] == 3
 
 
+def test_time_budget_cuts_the_stages_short(cache):
+    """A 1 s budget against 10 000 planned steps per stage stops every stage early and says so."""
+    attack = GISMN(GISMNConfig(restarts=1, stage1_iterations=10_000, stage2_iterations=10_000,
+                               stage3_iterations=10_000, time_budget_s=1.0, distance="euclidean",
+                               prior_cache=str(cache), prior_steps=PRIOR_STEPS, train_if_missing=False))
+    model = build_model({"name": "cnn"}, (3, 32, 32), 8, seed=2).eval()
+    x, y = torch.randn(1, 3, 32, 32), torch.tensor([5])
+    target = {k: v.detach() for k, v in model_gradients(model, x, y, create_graph=False).items()}
+    rec = attack.reconstruct(Observation(0, 0, model, target, TrainMeta("fedsgd", (3, 32, 32), 8, batch_size=1)))
+    assert rec.labels.tolist() == [5]
+    for stage in ("stage1", "stage2", "stage3"):
+        assert rec.stats[f"{stage}_truncated"] and 1 <= rec.stats[f"{stage}_iterations"] < 10_000
+    assert rec.stats["seconds"] < 10
+
+
 # --- the claim --------------------------------------------------------------------------------------------------
 
 def test_gismn_beats_inverting_gradients_under_90_percent_pruning(cache, victims):
