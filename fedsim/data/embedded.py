@@ -23,10 +23,12 @@ from fedsim.threat import Normalization
 
 # Victim photographs (the classes of `patches`), all RGB.
 PATCH_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "china", "flower", "immunohistochemistry", "motorcycle_left")
-# Bundled photographs disjoint from PATCH_PHOTOS, for auxiliary (attacker-side) priors.
-AUXILIARY_PHOTOS = ("hubble_deep_field", "retina", "colorwheel", "motorcycle_right", "cat", "camera", "brick",
-                    "grass", "gravel", "coins", "moon")
+# Bundled photographs disjoint from PATCH_PHOTOS, for auxiliary (attacker-side) priors. Not here: skimage's `cat`
+# (pixel-identical to `chelsea`) and `motorcycle_right` (the stereo twin of `motorcycle_left`).
+AUXILIARY_PHOTOS = ("hubble_deep_field", "retina", "colorwheel", "grace_hopper", "camera", "brick", "grass",
+                    "gravel", "coins", "moon", "clock", "cell")
 _SKLEARN_PHOTOS = ("china", "flower")
+_MATPLOTLIB_PHOTOS = ("grace_hopper",)
 
 
 def load_photo(name: str) -> np.ndarray:
@@ -35,6 +37,12 @@ def load_photo(name: str) -> np.ndarray:
         from sklearn.datasets import load_sample_image
 
         img = load_sample_image(f"{name}.jpg")
+    elif name in _MATPLOTLIB_PHOTOS:
+        from matplotlib.cbook import get_sample_data
+        from PIL import Image
+
+        with get_sample_data(f"{name}.jpg") as handle:
+            img = np.asarray(Image.open(handle).convert("RGB"))
     else:
         import skimage.data
 
@@ -45,7 +53,7 @@ def load_photo(name: str) -> np.ndarray:
         else:
             fn = getattr(skimage.data, name, None)
             if fn is None:
-                raise ConfigError("data.sources", name, "a photograph bundled with scikit-image or scikit-learn")
+                raise ConfigError("data.sources", name, "a photograph bundled with scikit-image, scikit-learn or matplotlib")
             img = fn()
     img = np.asarray(img)
     if img.dtype == bool:

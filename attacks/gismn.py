@@ -1,0 +1,518 @@
+"""GI-SMN-style gradient inversion with a style-based generative prior (Qian et al., arXiv 2405.03516).
+
+GI-SMN inverts a shared gradient by searching the latent space of a pre-trained style-based generator (StyleGAN-XL
+in the paper) instead of pixel space: the prior shrinks the search space, which is what lets it work against pruned
+and noisy gradients. fedsim cannot download StyleGAN-XL, so the prior here is `MiniStyleGen`, a small StyleGAN2-like
+generator trained offline on bundled photographs (`attacks.prior`); `docs/gismn.md` lists what that changes.
+
+The attack (`GISMN`, registered as `gismn`), for R restarts of a batch of B images in parallel:
+
+1. labels: granted by the threat model, or recovered from the last layer's gradient (iDLG for B = 1, Yin et al.'s
+   min-row rule for B > 1);
+2. stage 1, latent search: Adam on z in R^{z_dim} through `x = G(z)`, pure gradient matching
+   `min_z D(grad_theta l(f(G(z)), y), g)`;
+3. stage 2, refinement in W+ (one style vector per layer): Adam on w+ with
+   `D + l_tv TV(x) + l_norm |x|^2/HW + l_group |x - mean_r x|^2/HW + l_anchor |w+ - w+_0|^2`,
+   the group term pulling each restart towards the mean over restarts (GradInversion/GIFD, not the batch mean);
+4. stage 3, bounded pixel polish: `x = clip(G(w+) + delta, 0, 1)`, `|delta|_inf <= eps`, Adam on delta with D + TV;
+5. the restart with the lowest matching loss D wins (Inverting Gradients' `scoring_choice='loss'`).
+
+D is Inverting Gradients' global cosine distance, masked to the observed non-zeros when the gradient was pruned
+(GIFD's `sim_cmpr`), or the squared Euclidean distance.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attacks.base import Attack, register_attack
+from attacks.matching import cosine_distance, euclidean_distance, model_gradients, nonzero_mask, total_variation
+from fedsim.config import knob
+from fedsim.errors import AttackNotApplicable, ConfigError, ReconstructionFailed
+from fedsim.threat import Observation, Reconstruction, TrainMeta
+
+# Bumped whenever MiniStyleGen's architecture or parameter layout changes: cached priors carry it in their name.
+GENERATOR_VERSION = 1
+GENERATOR_RESOLUTION = 32
+_LUMA = (0.2125, 0.7154, 0.0721)  # ITU-R 709, as fedsim.data.embedded turns patches grey
+# What a prior can be trained on: bundled photographs disjoint from the victims, or a torchvision set on disk.
+PRIOR_SOURCES = ("auxiliary", "cifar10", "cifar100", "mnist", "fashion_mnist")
+
+
+# --- the generator ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    """Architecture of `MiniStyleGen` (part of a cached prior's identity)."""
+
+    z_dim: int = 64                                 # latent z in R^{z_dim}, z ~ N(0, I)
+    w_dim: int = 128                                # style vectors w in R^{w_dim}
+    mapping_layers: int = 4                         # Linear + LeakyReLU layers of the mapping network
+    channels: tuple[int, ...] = (128, 96, 64, 32)   # feature channels at 4x4, 8x8, 16x16, 32x32
+
+    @property
+    def resolution(self) -> int:
+        return 4 * 2 ** (len(self.channels) - 1)
+
+    @property
+    def num_ws(self) -> int:
+        """Style vectors one image uses (W+ has num_ws x w_dim numbers): per resolution 1-2 convs and a toRGB."""
+        return 2 + 3 * (len(self.channels) - 1)
+
+
+class MappingNetwork(nn.Module):
+    """z (n, z_dim) -> w (n, w_dim): pixel norm, then `mapping_layers` x (Linear, LeakyReLU 0.2) (StyleGAN's M)."""
+
+    def __init__(self, z_dim: int, w_dim: int, layers: int) -> None:
+        super().__init__()
+        dims = [z_dim] + [w_dim] * layers
+        self.net = nn.Sequential(*[m for a, b in zip(dims, dims[1:]) for m in (nn.Linear(a, b), nn.LeakyReLU(0.2))])
+
+    def forward(self, z: Tensor) -> Tensor:
+        z = z * torch.rsqrt(z.pow(2).mean(dim=1, keepdim=True) + 1e-8)
+        return self.net(z)
+
+
+class ModulatedConv2d(nn.Module):
+    """StyleGAN2's modulated convolution (Karras et al. 2020, eqs. 1-3), with an optional bilinear x2 upsampling.
+
+    The style `s = A(w)` scales the input channels (`w'_ijk = s_i w_ijk`, eq. 1) and, with `demodulate`, every
+    output channel is divided by `sqrt(sum_ik w'_ijk^2 + 1e-8)` (eq. 3). Scaling the input instead of the weight is
+    the same map and avoids a grouped convolution. Weights use the equalised learning rate (runtime scale
+    1/sqrt(fan_in)).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int, w_dim: int, *, demodulate: bool = True,
+                 upsample: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_channels, in_channels, kernel, kernel))
+        self.bias = nn.Parameter(torch.zeros(out_channels))
+        self.affine = nn.Linear(w_dim, in_channels)
+        nn.init.normal_(self.affine.weight, std=1.0 / math.sqrt(w_dim))
+        nn.init.ones_(self.affine.bias)  # styles start at 1: an unmodulated convolution
+        self.scale = 1.0 / math.sqrt(in_channels * kernel * kernel)
+        self.padding = kernel // 2
+        self.demodulate = demodulate
+        self.upsample = upsample
+
+    def forward(self, x: Tensor, w: Tensor) -> Tensor:
+        """x: (n, in, h, w) features; w: (n, w_dim) style -> (n, out, h', w'), h' = 2h with `upsample`."""
+        style = self.affine(w)                                    # (n, in)
+        weight = self.weight * self.scale
+        x = x * style[:, :, None, None]
+        if self.upsample:
+            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        y = F.conv2d(x, weight, padding=self.padding)
+        if self.demodulate:
+            # sum_{i,k} (s_i w_ijk)^2 = (sum_k w_ijk^2) . s_i^2
+            demod = torch.rsqrt(style.pow(2) @ weight.pow(2).sum(dim=(2, 3)).t() + 1e-8)  # (n, out)
+            y = y * demod[:, :, None, None]
+        return y + self.bias[None, :, None, None]
+
+
+class MiniStyleGen(nn.Module):
+    """A small StyleGAN2-like generator with skip toRGB outputs: z -> w -> W+ -> image in [0, 1].
+
+    Synthesis: a learned constant (C0, 4, 4); at 4x4 one modulated 3x3 conv; at every further resolution an
+    upsampling modulated 3x3 conv and a modulated 3x3 conv (LeakyReLU 0.2 after each); at every resolution a
+    modulated 1x1 toRGB without demodulation whose output is upsampled and summed (StyleGAN2's skip generator);
+    a sigmoid maps the sum to pixels. Every layer reads its own style vector, so W+ is (num_ws, w_dim) per image.
+    """
+
+    def __init__(self, config: GeneratorConfig = GeneratorConfig()) -> None:
+        super().__init__()
+        if len(config.channels) < 2:
+            raise ConfigError("generator.channels", list(config.channels), "at least two resolutions (4x4 and 8x8)")
+        self.config = config
+        c = config.channels
+        self.mapping = MappingNetwork(config.z_dim, config.w_dim, config.mapping_layers)
+        self.const = nn.Parameter(torch.randn(c[0], 4, 4))
+        self.convs = nn.ModuleList([ModulatedConv2d(c[0], c[0], 3, config.w_dim)])
+        self.to_rgb = nn.ModuleList([ModulatedConv2d(c[0], 3, 1, config.w_dim, demodulate=False)])
+        for prev, cur in zip(c, c[1:]):
+            self.convs.append(ModulatedConv2d(prev, cur, 3, config.w_dim, upsample=True))
+            self.convs.append(ModulatedConv2d(cur, cur, 3, config.w_dim))
+            self.to_rgb.append(ModulatedConv2d(cur, 3, 1, config.w_dim, demodulate=False))
+        # Mean style over many z (set when the prior is trained): the centre of W, for truncation and init.
+        self.register_buffer("w_avg", torch.zeros(config.w_dim))
+
+    @property
+    def num_ws(self) -> int:
+        return self.config.num_ws
+
+    def styles(self, z: Tensor) -> Tensor:
+        """z: (n, z_dim) -> W+ (n, num_ws, w_dim), every layer given the same w = M(z)."""
+        return self.mapping(z)[:, None, :].expand(-1, self.num_ws, -1)
+
+    def synthesis(self, ws: Tensor) -> Tensor:
+        """W+ (n, num_ws, w_dim) -> images (n, 3, res, res) in [0, 1]."""
+        n = ws.shape[0]
+        x = self.const[None].expand(n, -1, -1, -1)
+        act = lambda t: F.leaky_relu(t, 0.2)  # noqa: E731
+        x = act(self.convs[0](x, ws[:, 0]))
+        rgb = self.to_rgb[0](x, ws[:, 1])
+        index = 2
+        for level in range(1, len(self.to_rgb)):
+            x = act(self.convs[2 * level - 1](x, ws[:, index]))
+            x = act(self.convs[2 * level](x, ws[:, index + 1]))
+            rgb = F.interpolate(rgb, scale_factor=2, mode="bilinear", align_corners=False)
+            rgb = rgb + self.to_rgb[level](x, ws[:, index + 2])
+            index += 3
+        return torch.sigmoid(rgb)
+
+    def forward(self, z: Tensor) -> Tensor:
+        """z: (n, z_dim) -> images (n, 3, res, res) in [0, 1]."""
+        return self.synthesis(self.styles(z))
+
+
+def build_generator(config: GeneratorConfig = GeneratorConfig(), seed: int = 0) -> MiniStyleGen:
+    """A freshly initialised generator, the same for the same seed (global RNG untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return MiniStyleGen(config)
+
+
+# --- label recovery (private stand-in) --------------------------------------------------------------------------
+
+def recover_labels(grad_weight_last: Tensor, grad_bias_last: Tensor | None, batch_size: int) -> Tensor:
+    """Labels of the client batch from the last Linear layer's gradient; (batch_size,) int64, sorted.
+
+    Private stand-in for `attacks.labels.recover_labels` (written on another branch); swap the call in
+    `GISMN.reconstruct` when it lands. grad_weight_last: (classes, d); assumes non-negative inputs to that layer
+    (ReLU before it) and a cross-entropy loss, where `dl/dz_m = p_m - y_m` is negative only for present classes.
+
+    * B = 1, iDLG (Zhao et al. 2020): the row whose gradient sums lowest, `argmin_m sum_k dW[m, k]`.
+    * B > 1, Yin et al. (CVPR 2021): the B classes with the most negative row minimum `min_k dW[m, k]`; exact for
+      distinct labels. When B exceeds the number of classes the ranking repeats (a guess for the surplus).
+
+    grad_bias_last is not needed by these two rules; it is in the signature of the shared function.
+    """
+    classes = grad_weight_last.shape[0]
+    if batch_size == 1:
+        return grad_weight_last.sum(dim=1).argmin().reshape(1)
+    order = grad_weight_last.min(dim=1).values.argsort()
+    picks = order.repeat(math.ceil(batch_size / classes))[:batch_size]
+    return picks.sort().values
+
+
+# --- the attack -------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GISMNConfig:
+    """Knobs of the gismn attack (conf/attack/gismn.yaml)."""
+
+    restarts: int = knob(2, ge=1, help="independent reconstructions optimised in parallel; lowest matching loss wins")
+    stage1_iterations: int = knob(50, ge=0, help="Adam steps on z (latent search, pure gradient matching)")
+    stage1_lr: float = knob(0.05, gt=0.0, help="Adam learning rate on z")
+    stage2_iterations: int = knob(400, ge=0, help="Adam steps on W+ (per-layer styles) with regularisers")
+    stage2_lr: float = knob(0.05, gt=0.0, help="Adam learning rate on W+")
+    stage3_iterations: int = knob(100, ge=0, help="Adam steps of the bounded pixel polish")
+    stage3_lr: float = knob(0.01, gt=0.0, help="Adam learning rate on the pixel offset delta")
+    polish_radius: float = knob(0.08, ge=0.0, le=1.0, help="|delta|_inf bound of the pixel polish, pixels in [0, 1]")
+    tv_weight: float = knob(1e-4, ge=0.0, help="total variation (pixels) in stages 2 and 3")
+    norm_weight: float = knob(1e-6, ge=0.0, help="image norm |x|^2 / HW in stage 2")
+    group_weight: float = knob(1e-2, ge=0.0, help="group consistency |x - mean over restarts|^2 / HW in stage 2")
+    group_start: float = knob(0.25, ge=0.0, le=1.0, help="share of stage 2 before the group term switches on")
+    group_refresh: int = knob(50, ge=1, help="stage-2 steps between refreshes of the restart mean")
+    anchor_weight: float = knob(0.0, ge=0.0, help="|w+ - w+ after stage 1|^2 per image in stage 2 (0: off)")
+    distance: str = knob("cosine", choices=("cosine", "euclidean"), help="gradient distance D")
+    mask: str = knob("auto", choices=("auto", "on", "off"),
+                     help="match only the observed non-zeros (pruned gradients); auto: when the gradient looks pruned")
+    mask_threshold: float = knob(0.2, gt=0.0, lt=1.0,
+                                 help="auto: mask when the median per-tensor share of exact zeros is at least this")
+    time_budget_s: float | None = knob(None, gt=0.0, help="wall-clock budget of one reconstruction (None: none)")
+    lr_decay: str = knob("cosine", choices=("cosine", "step"),
+                         help="per-stage learning-rate decay: cosine to 0, or x0.1 at 3/8, 5/8, 7/8 (as IG)")
+    seed: int = knob(0, help="seed of the initial latents")
+    prior_source: str = knob("auxiliary", choices=PRIOR_SOURCES,
+                             help="data the prior was trained on (python -m attacks.prior --source)")
+    prior_root: str | None = knob(None, help="torchvision root for a torchvision prior source")
+    prior_steps: int = knob(600, ge=1, help="training steps of the prior to load (part of its cache name)")
+    prior_seed: int = knob(0, help="training seed of the prior to load")
+    prior_cache: str | None = knob(None, help="cache directory (None: $FEDSIM_CACHE/priors or ~/.cache/fedsim/priors)")
+    train_if_missing: bool = knob(True, help="train and cache the prior when it is not cached (minutes on a CPU)")
+    progress: bool = knob(True, help="show a progress bar while training the prior")
+
+
+@dataclass
+class StageLog:
+    """One optimisation stage: iterations run and the mean matching loss over restarts at its start and end."""
+
+    iterations: int = 0
+    seconds: float = 0.0
+    loss_start: float = float("nan")
+    loss_end: float = float("nan")
+    truncated: bool = False
+
+
+@dataclass
+class GISMNResult:
+    """Everything `run_gismn` produces. pixels: (restarts, b, C, H, W) in [0, 1]; losses: (restarts,) final D."""
+
+    pixels: Tensor
+    losses: Tensor
+    best: int
+    generator_pixels: Tensor                        # (restarts, b, C, H, W): G(w+) before the pixel polish
+    generator_losses: Tensor                        # (restarts,) D of generator_pixels
+    stages: dict[str, StageLog] = field(default_factory=dict)
+
+
+def pruned_share(gradient: Mapping[str, Tensor]) -> float:
+    """Median over tensors of the share of exact zeros: ~0 for a dense gradient, ~p after per-tensor pruning by p.
+
+    The median ignores the exact zeros a ReLU network produces on its own (dead units zero whole rows of a few
+    tensors, but leave the first layer's weights and the last bias dense).
+    """
+    shares = torch.tensor([float((t == 0).float().mean()) for t in gradient.values() if t.numel() > 0])
+    return float(shares.median()) if len(shares) else 0.0
+
+
+def to_victim_space(images: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """Generator images (n, 3, 32, 32) -> the victim's pixels (n, C, H, W): bilinear resize, luma for C = 1."""
+    c, h, w = shape
+    if images.shape[-2:] != (h, w):
+        images = F.interpolate(images, size=(h, w), mode="bilinear", align_corners=False,
+                               antialias=h < images.shape[-2] or w < images.shape[-1])
+    if c == 1:
+        luma = torch.tensor(_LUMA, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+        images = (images * luma).sum(dim=1, keepdim=True)
+    return images
+
+
+def run_gismn(generator: MiniStyleGen, match: Callable[[Tensor], Tensor], restarts: int, batch: int,
+              shape: tuple[int, ...], config: GISMNConfig, *, device: torch.device | str = "cpu") -> GISMNResult:
+    """The three GI-SMN stages for `restarts` x `batch` images against a gradient distance.
+
+    match: pixels (batch, C, H, W) in [0, 1] -> scalar D(grad l(f(x), y), g) of one restart (differentiable).
+    shape: the victim's (C, H, W). Returns all restarts; `best` is the one with the lowest final D.
+    """
+    gen_rng = torch.Generator(device="cpu").manual_seed(config.seed)
+    zdim = generator.config.z_dim
+    start = time.perf_counter()
+    total_iters = config.stage1_iterations + config.stage2_iterations + config.stage3_iterations
+    done_iters = 0
+    hw = shape[1] * shape[2]
+
+    def deadline(stage_iters: int) -> float:
+        if config.time_budget_s is None or total_iters == 0:
+            return math.inf
+        return start + config.time_budget_s * (done_iters + stage_iters) / total_iters
+
+    def render(ws: Tensor) -> Tensor:  # (R*B, num_ws, w_dim) -> (R, B, C, H, W) victim pixels
+        return to_victim_space(generator.synthesis(ws), shape).view(restarts, batch, *shape)
+
+    def matching(x: Tensor) -> Tensor:  # (R, B, C, H, W) -> (R,)
+        return torch.stack([match(x[r]) for r in range(restarts)])
+
+    def optimise(name: str, params: list[Tensor], lr: float, iters: int,
+                 objective: Callable[[int], tuple[Tensor, Tensor]], project: Callable[[], None] | None = None) -> None:
+        """Adam with a learning-rate decay over the stage (config.lr_decay)."""
+        nonlocal done_iters
+        log = StageLog()
+        stages[name] = log
+        if iters == 0:
+            return
+        t0, stop = time.perf_counter(), deadline(iters)
+        optimizer = torch.optim.Adam(params, lr=lr)
+        if config.lr_decay == "step":  # Inverting Gradients: x0.1 at 3/8, 5/8, 7/8
+            milestones = [int(iters * f) for f in (3 / 8, 5 / 8, 7 / 8)]
+            schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
+        else:  # cosine from lr to 0 over the stage
+            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * t / iters)))
+        for step in range(iters):
+            total, dist = objective(step)
+            if step == 0:
+                log.loss_start = float(dist.mean())
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+            schedule.step()
+            if project is not None:
+                with torch.no_grad():
+                    project()
+            log.iterations = step + 1
+            log.loss_end = float(dist.mean())
+            if time.perf_counter() > stop:
+                log.truncated = step + 1 < iters
+                break
+        if not math.isfinite(log.loss_end):
+            raise ReconstructionFailed(f"gismn {name}: the matching loss became {log.loss_end}")
+        log.seconds = time.perf_counter() - t0
+        done_iters += iters
+
+    stages: dict[str, StageLog] = {}
+
+    # Stage 1: latent search in Z, pure gradient matching.
+    z = torch.randn(restarts * batch, zdim, generator=gen_rng).to(device).requires_grad_(True)
+
+    def stage1(step: int) -> tuple[Tensor, Tensor]:
+        dist = matching(render(generator.styles(z)))
+        return dist.sum(), dist.detach()
+
+    optimise("stage1", [z], config.stage1_lr, config.stage1_iterations, stage1)
+
+    # Stage 2: refinement in W+ (each layer its own style), with regularisers.
+    ws0 = generator.styles(z.detach()).detach().clone()
+    ws = ws0.clone().requires_grad_(True)
+    group_mean: Tensor | None = None
+    group_on = int(config.group_start * config.stage2_iterations)
+
+    def stage2(step: int) -> tuple[Tensor, Tensor]:
+        nonlocal group_mean
+        x = render(ws)
+        dist = matching(x)
+        flat = x.flatten(2)                                                   # (R, B, C*H*W)
+        reg = config.tv_weight * torch.stack([total_variation(x[r]) for r in range(restarts)])
+        reg = reg + config.norm_weight * flat.pow(2).sum(-1).mean(-1) / hw
+        if config.group_weight > 0 and restarts > 1 and step >= group_on:
+            if group_mean is None or (step - group_on) % config.group_refresh == 0:
+                group_mean = x.detach().mean(dim=0, keepdim=True)               # mean over restarts (GradInversion)
+            reg = reg + config.group_weight * (x - group_mean).flatten(2).pow(2).sum(-1).mean(-1) / hw
+        anchor = (ws - ws0).pow(2).view(restarts, batch, -1).sum(-1).mean(-1)
+        reg = reg + config.anchor_weight * anchor
+        return (dist + reg).sum(), dist.detach()
+
+    optimise("stage2", [ws], config.stage2_lr, config.stage2_iterations, stage2)
+
+    # Stage 3: bounded pixel polish around the generator's image.
+    with torch.no_grad():
+        base = render(ws.detach())
+    generator_losses = matching_no_graph(matching, base)
+    delta = torch.zeros_like(base, requires_grad=True)
+
+    def stage3(step: int) -> tuple[Tensor, Tensor]:
+        x = (base + delta).clamp(0.0, 1.0)
+        dist = matching(x)
+        reg = config.tv_weight * torch.stack([total_variation(x[r]) for r in range(restarts)])
+        return (dist + reg).sum(), dist.detach()
+
+    def project() -> None:
+        delta.clamp_(-config.polish_radius, config.polish_radius)
+
+    optimise("stage3", [delta], config.stage3_lr, config.stage3_iterations, stage3, project)
+    pixels = (base + delta.detach()).clamp(0.0, 1.0)
+    losses = matching_no_graph(matching, pixels)
+    best = int(losses.argmin())
+    return GISMNResult(pixels, losses, best, base, generator_losses, stages)
+
+
+def matching_no_graph(matching: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """D of every restart without keeping a graph: (R,)."""
+    with torch.enable_grad():  # the candidate gradient itself needs autograd, its graph is dropped
+        return matching(x.detach()).detach()
+
+
+def last_layer(names: list[str], gradient: Mapping[str, Tensor], num_classes: int) -> tuple[str, str | None]:
+    """Names of the last Linear layer's weight (classes, d) and bias (classes,) gradient; ValueError if absent."""
+    for i in range(len(names) - 1, -1, -1):
+        g = gradient[names[i]]
+        if g.dim() == 2 and g.shape[0] == num_classes:
+            bias = names[i + 1] if i + 1 < len(names) and gradient[names[i + 1]].shape == (num_classes,) else None
+            return names[i], bias
+        if g.dim() != 1:
+            break
+    raise ValueError("the model does not end in a Linear layer with one output per class")
+
+
+@register_attack("gismn")
+class GISMN(Attack):
+    """GI-SMN-style attack: generator latent search (Z), W+ refinement, bounded pixel polish (module docstring)."""
+
+    name = "gismn"
+    Config = GISMNConfig
+
+    def __init__(self, config: GISMNConfig | None = None, *, prior=None) -> None:
+        super().__init__(config)
+        self._prior = prior  # an attacks.prior.Prior; loaded (or trained) on first use when None
+
+    # Knobs -> the prior's identity in the cache.
+    def prior_config(self):
+        from attacks.prior import PriorConfig  # attacks.prior imports this module
+
+        cfg = self.config
+        return PriorConfig(source=cfg.prior_source, root=cfg.prior_root, steps=cfg.prior_steps, seed=cfg.prior_seed)
+
+    def prior(self):
+        """The generative prior: given, cached, or (with `train_if_missing`) trained now."""
+        if self._prior is None:
+            from attacks.prior import obtain_prior
+
+            self._prior = obtain_prior(self.prior_config(), self.config.prior_cache,
+                                       train_if_missing=self.config.train_if_missing, progress=self.config.progress)
+        return self._prior
+
+    def check(self, model: nn.Module, meta: TrainMeta) -> None:
+        shape = tuple(meta.input_shape)
+        if len(shape) != 3 or shape[0] not in (1, 3):
+            raise AttackNotApplicable(f"gismn needs RGB or grey images (C, H, W), the data gives shape {shape}")
+        if not (8 <= min(shape[1:]) and max(shape[1:]) <= 256):
+            raise AttackNotApplicable(f"gismn's 32x32 generator is resized to the victim; sides 8..256 only, "
+                                      f"not {shape[1:]}")
+        if meta.batch_size is None and meta.labels is None:
+            raise AttackNotApplicable("gismn needs the threat model to grant batch_size (or the labels)")
+        if meta.mode == "fedavg" and meta.lr is None:
+            raise AttackNotApplicable("gismn on FedAvg needs the client learning rate (treats -delta/lr as a gradient)")
+        if meta.labels is None:
+            params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+            try:
+                last_layer(list(params), params, meta.num_classes)
+            except ValueError:
+                raise AttackNotApplicable("gismn recovers labels from a last Linear layer (classes x d), which this "
+                                          "model lacks; grant the labels") from None
+        self.prior()  # fail (or train) at the door, not in round 1
+
+    def reconstruct(self, obs: Observation) -> Reconstruction:
+        cfg, meta = self.config, obs.meta
+        model = obs.model
+        device = next(model.parameters()).device
+        gradient = obs.gradient()
+        names = [n for n, _ in model.named_parameters() if n in gradient]
+        target = {n: gradient[n].detach().to(device=device, dtype=torch.float32) for n in names}
+        zero_share = pruned_share(target)
+        masked = cfg.mask == "on" or (cfg.mask == "auto" and zero_share >= cfg.mask_threshold)
+        mask = nonzero_mask(target) if masked else None
+
+        if meta.labels is not None:
+            labels, label_source = meta.labels.to(device=device, dtype=torch.int64).flatten(), "granted"
+        else:
+            weight, bias = last_layer(names, target, meta.num_classes)
+            labels = recover_labels(target[weight], target[bias] if bias else None, int(meta.batch_size))
+            label_source = "analytic"
+        batch = len(labels)
+
+        generator = self.prior().generator.to(device)
+        distance = cosine_distance if cfg.distance == "cosine" else euclidean_distance
+        normalization = meta.normalization
+
+        def match(pixels: Tensor) -> Tensor:
+            candidate = model_gradients(model, normalization.from_pixels(pixels), labels, names=names)
+            return distance(candidate, target, mask)
+
+        t0 = time.perf_counter()
+        result = run_gismn(generator, match, cfg.restarts, batch, tuple(meta.input_shape), cfg, device=device)
+        best = result.best
+        stats: dict[str, float | int | bool | str] = {
+            "seconds": time.perf_counter() - t0,
+            "restart": best,
+            "masked": masked,
+            "zero_share": zero_share,
+            "labels": label_source,
+            "generator_loss": float(result.generator_losses[best]),
+            "loss_spread": float(result.losses.max() - result.losses.min()),
+        }
+        for name, log in result.stages.items():
+            stats[f"{name}_iterations"] = log.iterations
+            stats[f"{name}_loss"] = log.loss_end
+            stats[f"{name}_seconds"] = log.seconds
+            if log.truncated:
+                stats[f"{name}_truncated"] = True
+        inputs = normalization.from_pixels(result.pixels[best]).detach()
+        return Reconstruction(inputs=inputs, labels=labels.cpu(), matching_loss=float(result.losses[best]),
+                              stats=stats)
