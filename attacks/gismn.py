@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attacks.base import Attack, register_attack
+from attacks.labels import recover_labels
 from attacks.matching import cosine_distance, euclidean_distance, model_gradients, nonzero_mask, total_variation
 from fedsim.config import knob
 from fedsim.errors import AttackNotApplicable, ConfigError, ReconstructionFailed
@@ -177,29 +178,6 @@ def build_generator(config: GeneratorConfig = GeneratorConfig(), seed: int = 0) 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return MiniStyleGen(config)
-
-
-# --- label recovery (private stand-in) --------------------------------------------------------------------------
-
-def recover_labels(grad_weight_last: Tensor, grad_bias_last: Tensor | None, batch_size: int) -> Tensor:
-    """Labels of the client batch from the last Linear layer's gradient; (batch_size,) int64, sorted.
-
-    Private stand-in for `attacks.labels.recover_labels` (written on another branch); swap the call in
-    `GISMN.reconstruct` when it lands. grad_weight_last: (classes, d); assumes non-negative inputs to that layer
-    (ReLU before it) and a cross-entropy loss, where `dl/dz_m = p_m - y_m` is negative only for present classes.
-
-    * B = 1, iDLG (Zhao et al. 2020): the row whose gradient sums lowest, `argmin_m sum_k dW[m, k]`.
-    * B > 1, Yin et al. (CVPR 2021): the B classes with the most negative row minimum `min_k dW[m, k]`; exact for
-      distinct labels. When B exceeds the number of classes the ranking repeats (a guess for the surplus).
-
-    grad_bias_last is not needed by these two rules; it is in the signature of the shared function.
-    """
-    classes = grad_weight_last.shape[0]
-    if batch_size == 1:
-        return grad_weight_last.sum(dim=1).argmin().reshape(1)
-    order = grad_weight_last.min(dim=1).values.argsort()
-    picks = order.repeat(math.ceil(batch_size / classes))[:batch_size]
-    return picks.sort().values
 
 
 # --- the attack -------------------------------------------------------------------------------------------------

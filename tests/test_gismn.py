@@ -3,8 +3,7 @@ Gradients on a pruned gradient.
 
 The prior used here is trained once per module into a temporary cache with fewer steps than the default
 (`PRIOR_STEPS`); the attack runs with reduced budgets so the file stays within a few minutes on 2 CPU cores.
-`attacks/inverting.py` (Inverting Gradients) lives on another branch, so `_inverting_gradients` below is a minimal
-IG baseline: global cosine + TV, signed Adam, box constraint, masked cosine on pruned gradients.
+The baseline is fedsim's own `inverting` attack (Inverting Gradients) with its masked cosine on pruned gradients.
 """
 
 from __future__ import annotations
@@ -17,13 +16,15 @@ import pytest
 import torch
 
 from attacks.base import build_attack
-from attacks.gismn import (GISMN, GISMNConfig, GeneratorConfig, build_generator, pruned_share, recover_labels,
+from attacks.labels import recover_labels
+from attacks.gismn import (GISMN, GISMNConfig, GeneratorConfig, build_generator, pruned_share,
                            to_victim_space)
-from attacks.matching import cosine_distance, model_gradients, nonzero_mask, total_variation
+from attacks.matching import model_gradients
 from attacks.prior import (PriorConfig, PriorCorrupt, PriorNotFound, build_command, load_prior, main, prior_path,
                            train_and_cache, train_prior)
 from fedsim.data import load_dataset
 from fedsim.errors import AttackNotApplicable
+from fedsim.metrics import psnr
 from fedsim.models import build_model
 from fedsim.threat import Normalization, Observation, TrainMeta
 
@@ -73,30 +74,7 @@ def _prune(gradient: dict[str, torch.Tensor], keep: float) -> dict[str, torch.Te
 
 def _psnr(x: torch.Tensor, y: torch.Tensor) -> float:
     """Mean per-image PSNR (dB) of pixels in [0, 1]."""
-    mse = (x - y).pow(2).flatten(1).mean(1)
-    return float((10 * torch.log10(1 / mse)).mean())
-
-
-def _inverting_gradients(model, target, labels, norm: Normalization, shape, iterations: int, masked: bool,
-                         tv: float = 1e-4, lr: float = 0.1, seed: int = 0) -> torch.Tensor:
-    """Minimal Inverting Gradients (Geiping et al. 2020): randn init, Adam on sign(grad), box [0, 1] in pixels,
-    loss = global cosine (masked to observed non-zeros when `masked`) + tv * TV, lr x0.1 at 3/8, 5/8, 7/8.
-    Returns pixels (b, *shape) in [0, 1]."""
-    x = torch.randn(len(labels), *shape, generator=torch.Generator().manual_seed(seed)).requires_grad_(True)
-    low, high = norm.from_pixels(torch.zeros(shape)), norm.from_pixels(torch.ones(shape))
-    mask = nonzero_mask(target) if masked else None
-    optimizer = torch.optim.Adam([x], lr=lr)
-    schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, [int(iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)])
-    for _ in range(iterations):
-        loss = cosine_distance(model_gradients(model, x, labels), target, mask) + tv * total_variation(x)
-        optimizer.zero_grad()
-        loss.backward()
-        x.grad.sign_()
-        optimizer.step()
-        schedule.step()
-        with torch.no_grad():
-            x.copy_(torch.maximum(torch.minimum(x, high), low))
-    return norm.to_pixels(x.detach()).clamp(0, 1)
+    return float(psnr(x, y).mean())
 
 
 # --- the prior and its cache ------------------------------------------------------------------------------------
@@ -296,6 +274,7 @@ def test_gismn_beats_inverting_gradients_under_90_percent_pruning(cache, victims
     data, model, picks = victims
     meta = TrainMeta("fedsgd", (3, 32, 32), data.num_classes, data.normalization, batch_size=1)
     attack = GISMN(GISMNConfig(prior_cache=str(cache), prior_steps=PRIOR_STEPS, **ATTACK))
+    inverting = build_attack({"name": "inverting", "iterations": IG_ITERATIONS, "mask": "on"})
     gismn_psnr, ig_psnr = [], []
     for idx in picks:
         x, y = data.test_x[idx:idx + 1], data.test_y[idx:idx + 1]
@@ -306,8 +285,9 @@ def test_gismn_beats_inverting_gradients_under_90_percent_pruning(cache, victims
         assert rec.labels.tolist() == y.tolist() and rec.stats["labels"] == "analytic"
         assert rec.stats["masked"]
         gismn_psnr.append(_psnr(data.normalization.to_pixels(rec.inputs).clamp(0, 1), truth))
-        baseline = _inverting_gradients(model, pruned, y, data.normalization, (3, 32, 32), IG_ITERATIONS, True)
-        ig_psnr.append(_psnr(baseline, truth))
+        baseline = inverting.reconstruct(Observation(0, 0, model, pruned, meta))
+        assert baseline.stats["masked"]
+        ig_psnr.append(_psnr(data.normalization.to_pixels(baseline.inputs).clamp(0, 1), truth))
     gismn_mean, ig_mean = sum(gismn_psnr) / 2, sum(ig_psnr) / 2
     assert gismn_mean > ig_mean + 2.0, (gismn_psnr, ig_psnr)
     assert gismn_mean > 17.0, gismn_psnr
