@@ -13,18 +13,27 @@ exactly zero wherever `Z <= 0`. Any rank-b factorisation `dW = L R` has a unique
 5. fix scales and signs from the bias gradient, `dbias = L Q 1`, and output `X^T = Q^-1 R`;
 6. certify: the recomputed `W X + bias` must be negative exactly where `G = L Q` is zero.
 
-Deviations from the paper (all keep the algorithm's sampling distribution and its filter):
+Deviations from the paper, none of which changes what is accepted (the filter and the certificate decide):
 
 * Proposals come in families. A family is a random set B of b-2 active rows; its kernel is 2-dimensional and
-  every (b-1)-row proposal B + {j} has its kernel inside it, at the angle where row j vanishes. Rows that lie in
-  the zero set of the same column of G share that angle exactly, so a family is screened by looking for two rows
-  of a random row subset S with the same angle, the paper's "filter on a few rows first" done for all |S|
-  proposals of a family with one factorisation. A family reveals column i when B lies in its zero set, with
-  probability about rho^(b-2) instead of rho^(b-1) for a single proposal: half the factorisations at rho = 1/2.
-* Sparsity is counted over active rows (rows of dW that are not zero for the whole batch: dead ReLUs carry no
-  information and are zero for every direction), so tau is a fraction of the active rows m'.
-* Accepted directions are refined as the least-squares kernel of all rows found zero before de-duplication, so
-  they are accurate to the precision of the gradient rather than to that of a (b-1)-row solve.
+  every (b-1)-row proposal B + {j} has its kernel inside it, at the angle where row j vanishes. Rows in the zero
+  set of the same column of G share that angle exactly, so one factorisation screens the proposals of a random
+  row subset S at once (sorted angles; the paper's "filter on a few rows first"), a flagged family is confirmed
+  on 64 more rows, and only then counted on all rows. A family reveals column i when B lies in its zero set:
+  probability ~rho^(b-2) instead of rho^(b-1) per (b-1)-row proposal, half the factorisations at rho = 1/2.
+* Deflation (`deflate=True`, three batches in four). Once columns q_C are found, families take b-2-f rows from
+  the common zero set of f of them plus the q_C as constraint rows: the lemma holds in the quotient by q_C, so a
+  family reveals column i with probability ~rho^(b-2-f); the direction found (q_i off q_C) is lifted back to q_i.
+  The fourth batch keeps the paper's uniform distribution. `deflate=False` samples as the paper does.
+* Mixes of columns are told apart twice: a mix's zero set lies inside each of its columns' (up to the <= b-1 rows
+  its proposal forced), and its zero rows leave k-1 directions of its complement almost unsupported (`support`).
+  Such candidates rank last in stage 1 and are never used to condition. The paper relies on tau alone.
+* Sparsity is counted over active rows (rows of dW not zero for the whole batch: dead ReLUs carry no information
+  and are zero for every direction), so tau is a fraction of the active rows m'.
+* Accepted directions are refined as the least-squares kernel of the rows found zero, with a narrowing tolerance,
+  so they are accurate to the precision of the gradient rather than to that of one small solve.
+* The certificate has undecided bands on both sides (see `certify`): an active unit may carry a gradient below
+  any tolerance, so "G zero where Z > 0" is judged only for entries of G at the gradient's rounding level.
 
 `reconstruct` is the pure algorithm on tensors; the `Spear` attack wraps it for `fedsim` observations.
 """
@@ -61,8 +70,10 @@ class SpearResult:
 
     inputs: (b, n) float64, the batch in the layer's input space (order of the batch is not recoverable).
     grad_out: (m, b) float64, dL/dZ for each sample (the disaggregated output gradient G = L Q).
-    certified: the reconstruction passed the self-consistency certificate (see `Consistency`).
-    samples: random (b-2)-row submatrices (families) whose kernel was computed; each screens `subset` proposals.
+    certified: the reconstruction passed the self-consistency certificate (see `certify`) and the rank-b fit
+    explains the observed gradients to the zero tolerance.
+    samples: families whose 2-D kernel was computed: (b-2)-row submatrices of L (with deflation, b-2-f rows and f
+    found directions); each screens the (b-1)-row proposals of its subset rows.
     proposals: (b-1)-row proposals screened (families x subset rows).
     candidates: distinct directions that passed the sparsity filter.
     seconds: wall-clock time of the whole call.
@@ -107,12 +118,10 @@ class Factorisation:
 
 @dataclass(frozen=True)
 class Consistency:
-    """The certificate of a candidate disaggregation Q (paper, Sec. 4: a wrong Q is never consistent).
+    """The certificate of a candidate disaggregation Q (paper: a wrong Q is practically never consistent).
 
-    mismatches: entries where the ReLU pattern contradicts G: G zero but Z = W x + bias clearly positive, or G
-    non-zero but Z clearly negative ("clearly": beyond tol times the scale of the entry, a band that absorbs the
-    rounding of the observed gradient).
-    bias_residual: ||G 1 - dbias|| / ||dbias||, with G = L Q.
+    mismatches: entries where the ReLU pattern contradicts G = L Q (see `certify` for the bands).
+    bias_residual: ||G 1 - dbias|| / ||dbias||.
     """
 
     mismatches: int
@@ -359,9 +368,24 @@ class Candidates:
         return ~self.dominated & (self.support > _SUPPORTED)
 
     def add(self, directions: Tensor, counts: Tensor, masks: Tensor, support: Tensor) -> None:
+        """Add new directions (c, b) with their counts, zero masks (m, c) and `support`.
+
+        A direction parallel to a known one (|cos| > 1 - _SAME) replaces it when it has more zeros (the known one
+        was imprecise) and is dropped otherwise.
+        """
         if directions.shape[0] == 0:
             return
-        before = self.directions
+        before = self.directions.clone()
+        if len(self):
+            cos = (directions @ self.directions.T).abs()
+            best, match = cos.max(dim=1)
+            dup = best > 1 - _SAME
+            better = dup & (counts > self.counts[match])
+            for i in torch.nonzero(better).flatten().tolist():
+                k = int(match[i])
+                self.directions[k], self.counts[k], self.support[k] = directions[i], counts[i], support[i]
+                self.masks[:, k] = masks[:, i]
+            directions, counts, masks, support = directions[~dup], counts[~dup], masks[:, ~dup], support[~dup]
         self.directions = torch.cat((self.directions, directions))
         self.counts = torch.cat((self.counts, counts))
         self.masks = torch.cat((self.masks, masks), dim=1)
@@ -593,7 +617,10 @@ class Search:
         common: (m', c) rows zero on the proposal's whole family plane. A direction passes with at least
         `min_zeros` zeros in all and `min_run` of them outside its common rows (see `plane_runs`).
         """
-        fresh = ~_parallel_to(q, self.cands.directions)
+        # Duplicates of well-supported candidates are dropped early; a copy of a poorly supported one is refined
+        # anyway and replaces it when it has more zeros (`Candidates.add`): an imprecise direction must not
+        # shadow the exact one.
+        fresh = ~_parallel_to(q, self.cands.directions[self.cands.likely])
         q, common = q[fresh], common[:, fresh]
         if q.shape[0] == 0:
             return
@@ -613,7 +640,7 @@ class Search:
         counts = tight.sum(0)
         keep = (counts >= self.min_zeros) & ((tight & ~common).sum(0) >= self.min_run)
         q, tight, counts = q[keep], tight[:, keep], counts[keep]
-        keep = ~_parallel_to(q, self.cands.directions) & ~_parallel_to_earlier(q)
+        keep = ~_parallel_to_earlier(q)
         if bool(keep.any()):
             q, tight, counts = q[keep], tight[:, keep], counts[keep]
             _, second = refine(self.act_rows, q, tight)
@@ -638,7 +665,7 @@ class Search:
         q = plane_directions(y, chol, angle, fam)
         # Many families of a batch find the same column, mostly one already known: drop those before the
         # costlier steps. In a deflated family a known column shows as its projection off the conditioning ones.
-        known = self.cands.directions
+        known = self.cands.directions[self.cands.likely]
         if cond.shape[0]:
             basis, _ = torch.linalg.qr(cond.T)
             known = known - (known @ basis) @ basis.T
@@ -653,8 +680,8 @@ class Search:
         if cond.shape[0]:
             outside = torch.ones(self.act_rows.shape[0], dtype=torch.bool)
             outside[rows] = False
-            q, counts = lift(self.act_rows, q, cond, torch.nonzero(outside).flatten(), self.cands.directions,
-                             self.count_tol, gen)
+            q, counts = lift(self.act_rows, q, cond, torch.nonzero(outside).flatten(),
+                             self.cands.directions[self.cands.likely], self.count_tol, gen)
             q, common = q[counts >= self.min_zeros], common[:, counts >= self.min_zeros]
         self.accept(q, common)
 
@@ -1034,6 +1061,7 @@ class Spear(Attack):
         tol: float | None = knob(None, gt=0, lt=1, help="relative zero tolerance (null: from the gradient's rank-b residual)")
         subset: int = knob(12, ge=2, help="rows on which proposals are screened before a full count")
         chunk: int = knob(4096, ge=16, help="submatrices factorised per batched solve")
+        deflate: bool = knob(True, help="condition later samples on found columns; false: the paper's uniform sampling")
         batch_size: str = knob("meta", choices=("meta", "estimate"),
                                help="b from the threat model (meta.batch_size; estimated when not granted) or always estimated")
         seed: int = knob(0, help="seed of the sketch and of the sampling")
@@ -1052,10 +1080,12 @@ class Spear(Attack):
         grads = obs.gradient()
         cfg = self.config
         b = obs.meta.batch_size if cfg.batch_size == "meta" else None
+        if b is not None and obs.meta.num_examples is not None and obs.meta.local_steps in (None, 1):
+            b = min(b, obs.meta.num_examples)  # one step on a client holding fewer examples than a batch
         result = reconstruct(
             layer.weight, layer.bias, grads[f"{prefix}.weight"], grads[f"{prefix}.bias"], b,
             max_samples=cfg.max_samples, max_seconds=cfg.max_seconds, tau=cfg.tau, tol=cfg.tol,
-            subset=cfg.subset, chunk=cfg.chunk, seed=cfg.seed)
+            subset=cfg.subset, chunk=cfg.chunk, deflate=cfg.deflate, seed=cfg.seed)
         approximate = obs.meta.mode == "fedavg" and (obs.meta.local_steps or 1) > 1
         inputs = result.inputs.reshape(result.batch_size, *obs.meta.input_shape).to(layer.weight.dtype)
         stats: dict[str, float | int | bool | str] = {
