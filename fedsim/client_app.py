@@ -18,6 +18,8 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 
 from defenses.base import Defense, DefenseContext, build_defense
+from defenses.keylock import keylock_mod
+from defenses.secagg import secagg_mod
 from fedsim.config import FLConfig, RunConfig, validate
 from fedsim.faults import InjectedCrash, corrupt, draw_fault
 from fedsim.hook import AUDIT_KEY, CLIENT_KEY, audit_record
@@ -91,7 +93,7 @@ def defense_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
         return call_next(msg, context)
     plan = plan_of(msg)
     defense = plan.defense
-    if type(defense).transform is Defense.transform:  # identity: leave the reply bit for bit as it is
+    if not defense.transforms:  # identity: leave the reply bit for bit as it is
         return call_next(msg, context)
     incoming = {k: v.clone() for k, v in msg.content["arrays"].to_torch_state_dict().items()}
     out = call_next(msg, context)
@@ -113,13 +115,35 @@ def defense_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
     return out
 
 
-app = ClientApp(mods=[fault_mod, defense_mod])
+# Outermost first: SecAgg+ (protocol messages only), faults, the update transform, key-lock's private layers.
+app = ClientApp(mods=[secagg_mod, fault_mod, defense_mod, keylock_mod])
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Tell the server which partition this node holds (node ids are random per run; partition ids are not)."""
     return Message(RecordDict({CLIENT_KEY: ConfigRecord({"partition-id": partition_id(context)})}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_global(msg: Message, context: Context) -> Message:
+    """Accuracy of the global model on the test split, as this client runs it (e.g. with its private key-lock
+    layers, which its mods restore); sent only by strategies that ask clients to evaluate."""
+    plan = plan_of(msg)
+    run = plan.run
+    bundle, _, _ = _client_data(yaml.safe_dump(run.data), run.fl.clients, run.partition, run.seed, partition_id(context))
+
+    from fedsim.models import build_model
+    from fedsim.training import evaluate
+
+    model = plan.defense.build_model(build_model(run.model, bundle.input_shape, bundle.num_classes, run.seed),
+                                     private=True)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    with single_thread():
+        accuracy, loss = evaluate(model, bundle.test_x, bundle.test_y)
+    return Message(RecordDict({"metrics": MetricRecord({"accuracy": accuracy, "loss": loss,
+                                                        "num-examples": len(bundle.test_y)}),
+                               CLIENT_KEY: ConfigRecord({"partition-id": partition_id(context)})}), reply_to=msg)
 
 
 @app.train()
@@ -132,7 +156,8 @@ def train(msg: Message, context: Context) -> Message:
 
     from fedsim.models import build_model
 
-    model = build_model(run.model, bundle.input_shape, bundle.num_classes, run.seed)
+    model = plan.defense.build_model(build_model(run.model, bundle.input_shape, bundle.num_classes, run.seed),
+                                     private=True)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     gen = torch.Generator().manual_seed(seed_for(run.seed, server_round, pid))
     with single_thread():

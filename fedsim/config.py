@@ -271,7 +271,7 @@ def validate(cfg: Any, *, deep: bool = True) -> RunConfig:
     model_config(run.model)
     runtime_config(run.runtime)
     attack = build_attack(run.attack)
-    build_defense(run.defense)
+    build_defense(run.defense).check_run(run)
     if deep:
         _deep_checks(run, attack)
     return run
