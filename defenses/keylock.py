@@ -139,13 +139,12 @@ class KeyLockBlock(nn.Module):
     def _running(self, h: Tensor) -> Tensor:
         """Normalise with the running statistics as they were; then update them from this batch (no gradient)."""
         norm = self.norm
-        out = F.batch_norm(h, norm.running_mean, norm.running_var, None, None, False, 0.0, norm.eps)
+        out = F.batch_norm(h, norm.running_mean.clone(), norm.running_var.clone(), None, None, False, 0.0, norm.eps)
         if self.training:
             with torch.no_grad():
                 dims = [0, 2, 3] if self.conv else [0]
-                n = h.numel() / h.shape[1]
                 mean = h.mean(dim=dims)
-                var = h.var(dim=dims, unbiased=False) * (n / max(n - 1, 1))
+                var = h.var(dim=dims, unbiased=True)  # as BatchNorm's running variance
                 norm.running_mean.mul_(1 - norm.momentum).add_(norm.momentum * mean)
                 norm.running_var.mul_(1 - norm.momentum).add_(norm.momentum * var)
                 norm.num_batches_tracked.add_(1)
