@@ -102,8 +102,10 @@ def recover_labels(model: nn.Module, target: dict[str, Tensor], count: int) -> T
     grad_w = target[names[id(last.weight)]]
     if count == 1 and last.bias is not None:
         return target[names[id(last.bias)]].argmin().reshape(1).long()
-    row_min = grad_w.min(dim=-1).values
-    return torch.sort(torch.argsort(row_min)[:count]).values.long()
+    order = torch.argsort(grad_w.min(dim=-1).values)   # classes by their most negative entry (Yin et al.)
+    if count > order.numel():  # more samples than classes: labels repeat; cycle through the likeliest
+        order = order.repeat(-(-count // order.numel()))
+    return torch.sort(order[:count]).values.long()
 
 
 def _box(meta: TrainMeta) -> tuple[Tensor | None, Tensor | None]:
