@@ -191,3 +191,24 @@ def test_in_a_federation_no_update_carries_a_lock_layer_and_clients_keep_their_a
     # clients (own keys) learn; the server's random key does much worse with the very same shared layers
     assert rows[-1]["client_accuracy"] > 0.6
     assert rows[-1]["client_accuracy"] - rows[-1]["accuracy"] > 0.2
+
+
+def _keylock_ig(tmp_path, attacker, name, attack="inverting", iterations=400, client=0):
+    from tests.conftest import fedsim_run
+
+    with single_thread():
+        r = fedsim_run(tmp_path, "data=digits", "model=lenet", "fl.batch_size=1", "fl.rounds=1", "fl.clients=4",
+                       f"attack={attack}", f"attack.iterations={iterations}", "attack.tv_weight=0",
+                       f"attack.targets=[{client}]", "defense=keylock", f"defense.attacker={attacker}",
+                       "output.grid_clients=0", name=name)
+    (row,) = r.attacks()
+    assert row["error"] is None and row["defense_attacker"] == attacker
+    return row
+
+
+def test_inverting_gradients_on_a_locked_lenet_fails_without_the_key_and_succeeds_with_it(tmp_path):
+    """FedKL's leakage setting: DLG's sigmoid LeNet, lock act relu, batch 1; the attacker is Inverting Gradients."""
+    blind = _keylock_ig(tmp_path, "no_key", "blind")
+    keyed = _keylock_ig(tmp_path, "known_key", "keyed")
+    assert blind["ssim"] < 0.1 and blind["psnr"] < 10
+    assert keyed["ssim"] > 0.9 and keyed["psnr"] > 25
