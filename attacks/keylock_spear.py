@@ -151,7 +151,8 @@ def _locate(model: nn.Module) -> tuple[nn.Sequential, int]:
                             and isinstance(module[k + 2], nn.Linear) and isinstance(module[k + 3], nn.ReLU)):
                         raise AttackNotApplicable("keylock_spear with batch statistics needs a Linear+ReLU layer "
                                                   "after the locked one (model=fc with two hidden widths)")
-                    if layer.norm_mode == "running" and not (len(module) > k + 1 and isinstance(module[k + 1], nn.ReLU)):
+                    relu_next = len(module) > k + 1 and isinstance(module[k + 1], nn.ReLU)
+                    if layer.norm_mode == "running" and not relu_next:
                         raise AttackNotApplicable("keylock_spear needs a ReLU after the locked layer")
                     return module, k
     raise AttackNotApplicable("keylock_spear needs a model locked by defense=keylock (model=fc)")

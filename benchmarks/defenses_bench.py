@@ -29,7 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -177,7 +177,7 @@ def fmt(value, spec: str) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| defense | SPEAR exact | SPEAR certified | IG PSNR dB | IG SSIM | final accuracy | epsilon (40 rounds) |",
+    lines = ["| defense | SPEAR exact | SPEAR certified | IG PSNR dB | IG SSIM | final accuracy | epsilon |",
              "|---|---|---|---|---|---|---|"]
     for row in rows:
         s, ig, acc = row.get("spear", {}), row.get("ig", {}), row.get("accuracy", {})

@@ -313,9 +313,9 @@ def lock_outputs(private: Mapping[str, Tensor], act: str) -> dict[str, tuple[Ten
     for name in private:
         if name.endswith(".lock.key"):
             path = name[: -len(".lock.key")]
-            key = private[name]
-            gamma = _act(act, F.linear(key, private[f"{path}.lock.scale_fc.weight"], private[f"{path}.lock.scale_fc.bias"]))
-            beta = _act(act, F.linear(key, private[f"{path}.lock.shift_fc.weight"], private[f"{path}.lock.shift_fc.bias"]))
+            key, lock = private[name], f"{path}.lock"
+            gamma = _act(act, F.linear(key, private[f"{lock}.scale_fc.weight"], private[f"{lock}.scale_fc.bias"]))
+            beta = _act(act, F.linear(key, private[f"{lock}.shift_fc.weight"], private[f"{lock}.shift_fc.bias"]))
             out[path] = (gamma.detach(), beta.detach())
     return out
 

@@ -10,7 +10,8 @@ from defenses.noise import clip_update, gaussian_epsilon, l2_norm
 
 
 def _ctx(seed=0):
-    return DefenseContext(round=1, client=0, mode="fedsgd", num_examples=8, generator=torch.Generator().manual_seed(seed))
+    return DefenseContext(round=1, client=0, mode="fedsgd", num_examples=8,
+                          generator=torch.Generator().manual_seed(seed))
 
 
 def _update(scale=1.0):

@@ -11,7 +11,8 @@ from defenses.pruning import prune
 
 def _update():
     g = torch.Generator().manual_seed(0)
-    return {"a": torch.randn(37, 11, generator=g), "b": 10 * torch.randn(53, generator=g), "c": torch.randn(3, generator=g)}
+    return {"a": torch.randn(37, 11, generator=g), "b": 10 * torch.randn(53, generator=g),
+            "c": torch.randn(3, generator=g)}
 
 
 @pytest.mark.parametrize("keep", [0.01, 0.1, 0.37, 0.9])

@@ -76,8 +76,8 @@ def test_the_secure_aggregate_is_the_weighted_mean_within_the_quantisation_error
         expected = sum(w * u[name].double() for w, u in zip(weights, updates)) / total
         error = (aggregates[0][name].double() - expected).abs().max().item()
         assert 0 < error <= bound, (name, error, bound)      # quantised, and within the bound
-        plain_sum_error = (aggregates[0][name].double() * total - sum(w * u[name].double() for w, u in zip(weights, updates)))
-        assert plain_sum_error.abs().max().item() <= bound * total
+        weighted_sum = sum(w * u[name].double() for w, u in zip(weights, updates))
+        assert (aggregates[0][name].double() * total - weighted_sum).abs().max().item() <= bound * total
     # what the server held during the protocol: masked vectors in config records, never a plain array
     log = secure.last_round
     assert len(log.stages) == 4 and log.individual_arrays() == 0
@@ -136,3 +136,14 @@ def test_in_the_federation_the_hook_only_ever_sees_the_aggregate(tmp_path):
     assert [r["client"] for r in rows] == [AGGREGATE_CLIENT] * 2 and all(r["batch"] == 12 for r in rows)
     # training goes on: the secure aggregate moves the model like the plain mean does
     assert secure.rounds[-1]["accuracy"] == pytest.approx(plain.rounds[-1]["accuracy"], abs=0.02)
+
+
+@pytest.mark.slow
+def test_secagg_runs_on_rays_simulation_engine(tmp_path):
+    from tests.conftest import fedsim_run
+
+    r = fedsim_run(tmp_path, "runtime=ray", "data=digits", "model.widths=[32]", "fl.rounds=2", "fl.batch_size=4",
+                   "fl.clients=3", "attack=analytic", "defense=secagg")
+    assert r.status["state"] == "complete"
+    assert [row["observed"] for row in r.rounds if row["round"] >= 1] == ["aggregate", "aggregate"]
+    assert [a["client"] for a in r.attacks()] == [AGGREGATE_CLIENT] * 2 and all(a["batch"] == 12 for a in r.attacks())
