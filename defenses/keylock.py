@@ -272,11 +272,14 @@ class KeyLockDefense(Defense):
     def check_run(self, run, prefix: str = "defense") -> None:
         if self.config.norm == "batch" and run.fl.batch_size < 2:
             from fedsim.data import load_dataset
+            from fedsim.models import build_model
 
-            if len(load_dataset(run.data).input_shape) != 3:
+            bundle = load_dataset(run.data)
+            model = build_model(run.model, bundle.input_shape, bundle.num_classes, run.seed)
+            if isinstance(model.get_submodule(first_lockable(model)), nn.Linear):
                 raise ConfigError("fl.batch_size", run.fl.batch_size,
-                                  f"at least 2 with {prefix}.norm=batch on vector data (batch statistics of one "
-                                  "sample are undefined); or use norm=running")
+                                  f"at least 2 with {prefix}.norm=batch on a Linear first layer (batch statistics "
+                                  f"of one sample are undefined); or {prefix}.norm=running")
 
 
 def _seed(*parts: int) -> int:

@@ -240,3 +240,17 @@ def test_the_adaptive_and_key_regressing_attackers_are_recorded(tmp_path):
         row = _keylock_ig(tmp_path, attacker, attacker, attack="keylock_inversion", iterations=1000, client=1)
         print(attacker, row["psnr"], row["ssim"])
         assert row["psnr"] is not None and row["ssim"] is not None
+
+
+def test_batch_statistics_of_a_single_sample_are_refused_at_the_door_for_a_linear_first_layer():
+    from fedsim.api import compose
+    from fedsim.config import validate
+    from fedsim.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        validate(compose(["defense=keylock", "data=digits", "model=fc", "fl.batch_size=1"]), deep=False)
+    assert err.value.key == "fl.batch_size"
+    validate(compose(["defense=keylock", "defense.norm=running", "data=digits", "model=fc", "fl.batch_size=1"]),
+             deep=False)
+    validate(compose(["defense=keylock", "data=digits", "model=lenet", "fl.batch_size=1", "attack=inverting"]),
+             deep=False)
