@@ -254,3 +254,68 @@ def test_batch_statistics_of_a_single_sample_are_refused_at_the_door_for_a_linea
              deep=False)
     validate(compose(["defense=keylock", "data=digits", "model=lenet", "fl.batch_size=1", "attack=inverting"]),
              deep=False)
+
+
+SPEAR_FC = ("data=digits", "model=fc", "model.widths=[256,256]", "fl.batch_size=8", "fl.rounds=1", "fl.clients=4",
+            "attack.targets=[0]", "output.grid_clients=0", "defense=keylock")
+
+
+def test_plain_spear_refuses_the_locked_fc_model():
+    pytest.importorskip("attacks.spear")
+    from fedsim.api import compose
+    from fedsim.config import validate
+    from fedsim.errors import AttackNotApplicable
+
+    validate(compose(list(SPEAR_FC[:-1]) + ["attack=spear"]))                  # the plain model: accepted
+    for norm in ("batch", "running"):
+        with pytest.raises(AttackNotApplicable):
+            validate(compose(list(SPEAR_FC) + ["attack=spear", f"defense.norm={norm}"]))
+
+
+def test_with_running_statistics_spear_through_the_lock_is_exact_certified_only_with_the_key(tmp_path):
+    pytest.importorskip("attacks.spear")
+    from tests.conftest import fedsim_run
+
+    common = SPEAR_FC + ("defense.norm=running", "attack=keylock_spear")
+    (keyed,) = fedsim_run(tmp_path, *common, "defense.attacker=known_key", "attack.max_seconds=20",
+                          name="keyed").attacks()
+    # without the key nothing certifies, so SPEAR searches until its budget: keep it short
+    (blind,) = fedsim_run(tmp_path, *common, "attack.ignore_lock=true", "attack.max_seconds=3", name="blind").attacks()
+    assert keyed["exact"] == 1.0 and keyed["certified"] is True and keyed["stats"]["known_key"] is True
+    assert blind["exact"] == 1.0 and blind["certified"] is False     # the lock does not stop SPEAR, only its proof
+
+
+def test_with_batch_statistics_spear_through_the_lock_gets_the_batch_only_up_to_mean_and_contrast():
+    """Key-aware SPEAR: the next layer's features exactly, then the lock inverted with the key."""
+    pytest.importorskip("attacks.spear")
+    from attacks.keylock_spear import KeyLockSpear, KeyLockSpearConfig
+    from defenses.keylock import grant_record, lock_outputs
+    from fedsim.threat import Observation, TrainMeta
+
+    defense = _defense(attacker="known_key")
+    client = _client_model(defense, widths=(256, 256)).train()
+    server = _fc(defense, False, widths=(256, 256))
+    server.load_state_dict(shared(client.state_dict()))
+    from fedsim.data import load_dataset
+
+    data = load_dataset({"name": "digits"})
+    x, y = data.train_x[:8].flatten(1), data.train_y[:8]
+    names = [n for n, _ in server.named_parameters()]
+    params = dict(client.named_parameters())
+    grads = torch.autograd.grad(F.cross_entropy(client(x), y), [params[n] for n in names])
+    private = {k: v for k, v in client.state_dict().items() if is_private(k)}
+    meta = TrainMeta(mode="fedsgd", input_shape=(64,), num_classes=10, batch_size=8,
+                     private=dict(grant_record(lock_outputs(private, "relu"))))
+    obs = defense.observe(Observation(1, 0, server, dict(zip(names, grads)), meta))
+    with single_thread():
+        recon = KeyLockSpear(KeyLockSpearConfig(max_seconds=30)).reconstruct(obs)
+    assert recon.stats["features_certified"] is True and recon.certified is False
+    # right up to x_i -> c + t (x_i - mean): the best such fit of the reconstruction is the batch itself
+    from fedsim.metrics import match
+
+    rows, cols = match(recon.inputs, x)
+    r, t = recon.inputs[rows].double(), x[cols].double()
+    rc, tc = r - r.mean(0), t - t.mean(0)
+    scale = float((rc * tc).sum() / (rc * rc).sum())
+    assert float((scale * rc - tc).norm() / tc.norm()) < 1e-4
+    assert float((r - t).norm() / t.norm()) > 0.1      # but not the batch: its mean and contrast are lost

@@ -117,3 +117,21 @@ def test_noise_epsilon_and_accuracy_are_recorded_every_round_in_a_federation(tmp
     assert eps[2] == pytest.approx(gaussian_epsilon(1.0, 0.5, 3, 1e-5))
     assert all(0.0 <= row["accuracy"] <= 1.0 and row["epsilon_round"] == pytest.approx(eps[0]) for row in rows)
     assert all(a["defense_sigma"] == 1.0 and a["defense_clip"] == 1.0 for a in r.attacks())
+
+
+SPEAR_FC = ("data=digits", "model=fc", "model.widths=[256,256]", "fl.batch_size=8", "fl.rounds=1", "fl.clients=4",
+            "attack=spear", "attack.max_seconds=5", "attack.targets=[0,1]", "output.grid_clients=0")
+
+
+def test_spear_is_exact_without_noise_and_recovers_nothing_exactly_past_the_noise_threshold(tmp_path):
+    """FC 256-256 on digits, batch 8. Measured (benchmarks/defenses_bench.py --part threshold): exact 1.0 up to
+    sigma = 1e-6, 0.91 at 3e-6, 0.13 at 1e-5 and 0 from 3e-5 on (clip 1; std sigma per coordinate)."""
+    pytest.importorskip("attacks.spear")
+    from tests.conftest import fedsim_run
+
+    clean = fedsim_run(tmp_path, *SPEAR_FC, name="clean").attacks()
+    noisy = fedsim_run(tmp_path, *SPEAR_FC, "defense=noise", "defense.clip=1.0", "defense.sigma=1e-4",
+                       name="noisy").attacks()
+    assert len(clean) == len(noisy) == 2
+    assert all(a["exact"] == 1.0 and a["certified"] for a in clean)
+    assert all(a["exact"] == 0.0 and not a["certified"] for a in noisy)
