@@ -113,9 +113,12 @@ class KeyLockBlock(nn.Module):
     """layer -> normalisation without affine parameters -> gamma * h + beta, gamma and beta from `lock`.
 
     layer: nn.Conv2d (output (b, C, H, W)) or nn.Linear (output (b, C)). norm: "batch" or "running".
+    update_running: with norm="running", whether forward passes in training mode update the running statistics
+        (a client's model does; the server's, and every attacker's copy of it, keeps the statistics it received).
     """
 
-    def __init__(self, layer: nn.Module, lock: nn.Module, norm: str, momentum: float = 0.1, eps: float = 1e-5) -> None:
+    def __init__(self, layer: nn.Module, lock: nn.Module, norm: str, momentum: float = 0.1, eps: float = 1e-5,
+                 update_running: bool = True) -> None:
         super().__init__()
         channels = layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
         self.layer = layer
@@ -123,6 +126,7 @@ class KeyLockBlock(nn.Module):
             channels, affine=False, momentum=momentum, eps=eps)
         self.lock = lock
         self.norm_mode = norm
+        self.update_running = update_running
         self.conv = isinstance(layer, nn.Conv2d)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -140,7 +144,7 @@ class KeyLockBlock(nn.Module):
         """Normalise with the running statistics as they were; then update them from this batch (no gradient)."""
         norm = self.norm
         out = F.batch_norm(h, norm.running_mean.clone(), norm.running_var.clone(), None, None, False, 0.0, norm.eps)
-        if self.training:
+        if self.training and self.update_running:
             with torch.no_grad():
                 dims = [0, 2, 3] if self.conv else [0]
                 mean = h.mean(dim=dims)
@@ -172,13 +176,13 @@ def first_lockable(model: nn.Module) -> str:
     raise ConfigError("defense.name", "keylock", f"a model with a Conv2d or Linear layer ({type(model).__name__})")
 
 
-def install_block(model: nn.Module, path: str, lock_factory, norm: str) -> nn.Module:
+def install_block(model: nn.Module, path: str, lock_factory, norm: str, update_running: bool = True) -> nn.Module:
     """Replace the module at `path` by a KeyLockBlock around it (in place; returns the model)."""
     parent_path, _, child = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     layer = getattr(parent, child)
     channels = layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
-    setattr(parent, child, KeyLockBlock(layer, lock_factory(channels), norm))
+    setattr(parent, child, KeyLockBlock(layer, lock_factory(channels), norm, update_running=update_running))
     return model
 
 
@@ -233,7 +237,7 @@ class KeyLockDefense(Defense):
             return PublicLock(template.key, template.scale_fc.weight, template.scale_fc.bias,
                               template.shift_fc.weight, template.shift_fc.bias, cfg.act)
 
-        return install_block(model, first_lockable(model), public, cfg.norm)
+        return install_block(model, first_lockable(model), public, cfg.norm, update_running=False)
 
     def private_state(self, model: nn.Module, seed: int, client: int) -> dict[str, Tensor]:
         """A client's initial key and lock layers (its private entries of `model`'s state dict), drawn from its

@@ -319,3 +319,14 @@ def test_with_batch_statistics_spear_through_the_lock_gets_the_batch_only_up_to_
     scale = float((rc * tc).sum() / (rc * rc).sum())
     assert float((scale * rc - tc).norm() / tc.norm()) < 1e-4
     assert float((r - t).norm() / t.norm()) > 0.1      # but not the batch: its mean and contrast are lost
+
+
+def test_running_statistics_move_in_a_clients_model_and_stay_put_in_the_servers():
+    defense = _defense(key_dim=16, norm="running")
+    client, server = _client_model(defense).train(), _fc(defense, False).train()
+    x = torch.rand(8, 64)
+    with torch.no_grad():
+        client(x)
+        server(x)
+    assert client.net[1].norm.running_mean.abs().max() > 0       # updated from the batch after normalising with it
+    assert torch.equal(server.net[1].norm.running_mean, torch.zeros(32))  # an attacker's copy matches what was sent
