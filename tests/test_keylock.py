@@ -175,7 +175,7 @@ def test_the_attacker_view_per_threat_option():
 
 def test_in_a_federation_no_update_carries_a_lock_layer_and_clients_keep_their_accuracy(tmp_path):
     from tests.conftest import fedsim_run
-    from tests.test_secagg import SEEN
+    from tests.spies import SEEN
 
     SEEN.clear()
     r = fedsim_run(tmp_path, "data=digits", "model.widths=[64]", "fl.rounds=3", "fl.mode=fedavg",

@@ -6,24 +6,10 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from attacks.base import Attack, register_attack
 from defenses.secagg import SecAggConfig, SecAggGrid, quantisation_bound, secagg_mod
 from fedsim.hook import AGGREGATE_CLIENT, CLIENT_KEY
 from fedsim.runtime import InlineGrid
-from fedsim.threat import Reconstruction
-
-SEEN: list[tuple[int, int, dict, int | None]] = []
-
-
-@register_attack("spy_updates")
-class SpyUpdates(Attack):
-    """Keeps every update the curious server hands to attacks."""
-
-    name = "spy_updates"
-
-    def reconstruct(self, obs):
-        SEEN.append((obs.round, obs.client, {k: v.clone() for k, v in obs.update.items()}, obs.meta.batch_size))
-        return Reconstruction(inputs=None)
+from tests.spies import SEEN
 
 
 def _toy_app(updates, weights, crash=()):
