@@ -277,10 +277,12 @@ def test_with_running_statistics_spear_through_the_lock_is_exact_certified_only_
     from tests.conftest import fedsim_run
 
     common = SPEAR_FC + ("defense.norm=running", "attack=keylock_spear")
-    (keyed,) = fedsim_run(tmp_path, *common, "defense.attacker=known_key", "attack.max_seconds=20",
-                          name="keyed").attacks()
-    # without the key nothing certifies, so SPEAR searches until its budget: keep it short
-    (blind,) = fedsim_run(tmp_path, *common, "attack.ignore_lock=true", "attack.max_seconds=3", name="blind").attacks()
+    with single_thread():
+        (keyed,) = fedsim_run(tmp_path, *common, "defense.attacker=known_key", "attack.max_seconds=20",
+                              name="keyed").attacks()
+        # without the key nothing certifies, so SPEAR searches until its budget: keep it short
+        (blind,) = fedsim_run(tmp_path, *common, "attack.ignore_lock=true", "attack.max_seconds=3",
+                              name="blind").attacks()
     assert keyed["exact"] == 1.0 and keyed["certified"] is True and keyed["stats"]["known_key"] is True
     assert blind["exact"] == 1.0 and blind["certified"] is False     # the lock does not stop SPEAR, only its proof
 
