@@ -60,7 +60,7 @@ class Cell:
 
 
 def cells(quick: bool) -> list[Cell]:
-    noise = [1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0] if not quick else [1e-4, 1e-2, 1.0]
+    noise = [1e-6, 1e-5, 3e-5, 1e-4, 1e-2, 1.0] if not quick else [1e-4, 1e-2, 1.0]
     keylock_spear = ["attack=keylock_spear"]
     out = [Cell("none", ["defense=none"])]
     out += [Cell(f"noise gaussian C=1 sigma={s:g}", ["defense=noise", "defense.clip=1.0", f"defense.sigma={s}"])
