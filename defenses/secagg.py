@@ -148,7 +148,7 @@ def _speak_legacy(call_next: ClientAppCallable) -> ClientAppCallable:
         names = json.loads(str(config.pop(NAMES_KEY)))
         legacy = content.array_records.pop(f"{_FITINS}.parameters")
         arrays = parameters_to_ndarrays(arrayrecord_to_parameters(legacy, keep_input=True))
-        content["arrays"] = ArrayRecord({n: Array(np.ascontiguousarray(a)) for n, a in zip(names, arrays)})
+        content["arrays"] = ArrayRecord({n: Array(a.copy(order="C")) for n, a in zip(names, arrays)})
         content["config"] = ConfigRecord(config)
         out = call_next(msg, context)
         if out.has_error():
@@ -228,6 +228,7 @@ class SecAggGrid(Grid):
         server_round = int(first.content["config"].get("server-round", first.metadata.group_id or 0))
         names = list(first.content["arrays"].keys())
         dtypes = {n: first.content["arrays"][n].numpy().dtype for n in names}
+        shapes = {n: first.content["arrays"][n].numpy().shape for n in names}  # SecAgg+ returns scalars as (1,)
         instructions = {}
         for msg in messages:
             arrays = msg.content["arrays"]
@@ -262,7 +263,7 @@ class SecAggGrid(Grid):
             reason = f"the SecAgg+ round {server_round} did not complete (too few clients stayed)"
             return [Message(Error(code=0, reason=reason), reply_to=m) for m in messages]
         aggregate = parameters_to_ndarrays(relay.aggregate)
-        arrays = ArrayRecord({n: Array(_cast(a, dtypes[n])) for n, a in zip(names, aggregate)})
+        arrays = ArrayRecord({n: Array(_cast(a.reshape(shapes[n]), dtypes[n])) for n, a in zip(names, aggregate)})
         contributors = [nid for nid, _ in relay.results]
         clients = [int(tap.client_records[n]["partition-id"]) for n in contributors if n in tap.client_records]
         total = int(sum(res.num_examples for _, res in relay.results))
@@ -294,9 +295,10 @@ def _is_train_instruction(msg: Message) -> bool:
 
 
 def _cast(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """`array` as `dtype` (integers rounded), C-contiguous, 0-d arrays kept 0-d (np.ascontiguousarray makes them 1-d)."""
     if np.issubdtype(dtype, np.integer):
-        return np.ascontiguousarray(np.rint(array).astype(dtype))
-    return np.ascontiguousarray(array.astype(dtype))
+        array = np.rint(array)
+    return np.array(array, dtype=dtype, order="C", copy=True)
 
 
 @dataclass

@@ -65,3 +65,17 @@ def test_a_stack_runs_in_a_federation_and_records_its_steps(tmp_path):
     rows = r.attacks()
     assert rows and all(a["defense"] == "clip+pruning+noise" and a["defense_pruning.keep"] == 0.1 for a in rows)
     assert r.rounds[-1]["privacy"] == "dp" and r.rounds[-1]["epsilon"] > 0
+
+
+def test_keylock_noise_and_secure_aggregation_compose(tmp_path):
+    """The model transform first, the protocol last: the aggregate holds shared layers only (BatchNorm buffers and
+    their 0-d counters included), and clients still evaluate with their own keys."""
+    from tests.conftest import fedsim_run
+
+    r = fedsim_run(tmp_path, "data=digits", "model.widths=[32]", "fl.rounds=2", "fl.batch_size=4", "fl.clients=3",
+                   "attack=keylock_inversion", "attack.iterations=5", "output.grid_clients=0", "defense=stack",
+                   "defense.steps=[{name: keylock, key_dim: 64},{name: noise, sigma: 0.001},{name: secagg}]")
+    rows = [row for row in r.rounds if row["round"] >= 1]
+    assert all(row["observed"] == "aggregate" and row["healthy"] == 3 and row["faults"] == 0 for row in rows)
+    assert all(row["clients_evaluated"] == 3 and row["privacy"] == "dp" for row in rows)
+    assert [a["client"] for a in r.attacks()] == [-1, -1] and all(a["error"] is None for a in r.attacks())
