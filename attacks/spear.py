@@ -13,27 +13,18 @@ exactly zero wherever `Z <= 0`. Any rank-b factorisation `dW = L R` has a unique
 5. fix scales and signs from the bias gradient, `dbias = L Q 1`, and output `X^T = Q^-1 R`;
 6. certify: the recomputed `W X + bias` must be negative exactly where `G = L Q` is zero.
 
-Deviations from the paper, none of which changes what is accepted (the filter and the certificate decide):
+Deviations from the paper (all keep the algorithm's sampling distribution and its filter):
 
 * Proposals come in families. A family is a random set B of b-2 active rows; its kernel is 2-dimensional and
-  every (b-1)-row proposal B + {j} has its kernel inside it, at the angle where row j vanishes. Rows in the zero
-  set of the same column of G share that angle exactly, so one factorisation screens the proposals of a random
-  row subset S at once (sorted angles; the paper's "filter on a few rows first"), a flagged family is confirmed
-  on 64 more rows, and only then counted on all rows. A family reveals column i when B lies in its zero set:
-  probability ~rho^(b-2) instead of rho^(b-1) per (b-1)-row proposal, half the factorisations at rho = 1/2.
-* Deflation (`deflate=True`, three batches in four). Once columns q_C are found, families take b-2-f rows from
-  the common zero set of f of them plus the q_C as constraint rows: the lemma holds in the quotient by q_C, so a
-  family reveals column i with probability ~rho^(b-2-f); the direction found (q_i off q_C) is lifted back to q_i.
-  The fourth batch keeps the paper's uniform distribution. `deflate=False` samples as the paper does.
-* Mixes of columns are told apart twice: a mix's zero set lies inside each of its columns' (up to the <= b-1 rows
-  its proposal forced), and its zero rows leave k-1 directions of its complement almost unsupported (`support`).
-  Such candidates rank last in stage 1 and are never used to condition. The paper relies on tau alone.
-* Sparsity is counted over active rows (rows of dW not zero for the whole batch: dead ReLUs carry no information
-  and are zero for every direction), so tau is a fraction of the active rows m'.
-* Accepted directions are refined as the least-squares kernel of the rows found zero, with a narrowing tolerance,
-  so they are accurate to the precision of the gradient rather than to that of one small solve.
-* The certificate has undecided bands on both sides (see `certify`): an active unit may carry a gradient below
-  any tolerance, so "G zero where Z > 0" is judged only for entries of G at the gradient's rounding level.
+  every (b-1)-row proposal B + {j} has its kernel inside it, at the angle where row j vanishes. Rows that lie in
+  the zero set of the same column of G share that angle exactly, so a family is screened by looking for two rows
+  of a random row subset S with the same angle, the paper's "filter on a few rows first" done for all |S|
+  proposals of a family with one factorisation. A family reveals column i when B lies in its zero set, with
+  probability about rho^(b-2) instead of rho^(b-1) for a single proposal: half the factorisations at rho = 1/2.
+* Sparsity is counted over active rows (rows of dW that are not zero for the whole batch: dead ReLUs carry no
+  information and are zero for every direction), so tau is a fraction of the active rows m'.
+* Accepted directions are refined as the least-squares kernel of all rows found zero before de-duplication, so
+  they are accurate to the precision of the gradient rather than to that of a (b-1)-row solve.
 
 `reconstruct` is the pure algorithm on tensors; the `Spear` attack wraps it for `fedsim` observations.
 """
@@ -56,7 +47,6 @@ _F64 = torch.float64
 _TOL_MAX = 1e-3            # loosest zero tolerance; above it the gradient is too noisy for an exact answer
 _OVERSAMPLE = 10           # extra columns of the randomised range finder
 _MIN_PLANE_NORM = 1e-3     # rows closer than this to orthogonal to a family's plane give no angle
-_SUPPORTED = 0.05          # `support` above which a candidate's zero rows look like a column's, not a mix's
 _SAME = 1e-6               # directions with |cos| > 1 - _SAME are the same direction (about 1.4e-3 rad)
 _SCREEN_ELEMENTS = 1 << 16  # subset rows x families screened per batch: small batches screen every row
 _CONFIRM_ROWS = 64         # further rows on which a flagged family must show a third row at the shared angle
@@ -70,10 +60,8 @@ class SpearResult:
 
     inputs: (b, n) float64, the batch in the layer's input space (order of the batch is not recoverable).
     grad_out: (m, b) float64, dL/dZ for each sample (the disaggregated output gradient G = L Q).
-    certified: the reconstruction passed the self-consistency certificate (see `certify`) and the rank-b fit
-    explains the observed gradients to the zero tolerance.
-    samples: families whose 2-D kernel was computed: (b-2)-row submatrices of L (with deflation, b-2-f rows and f
-    found directions); each screens the (b-1)-row proposals of its subset rows.
+    certified: the reconstruction passed the self-consistency certificate (see `Consistency`).
+    samples: random (b-2)-row submatrices (families) whose kernel was computed; each screens `subset` proposals.
     proposals: (b-1)-row proposals screened (families x subset rows).
     candidates: distinct directions that passed the sparsity filter.
     seconds: wall-clock time of the whole call.
@@ -118,10 +106,12 @@ class Factorisation:
 
 @dataclass(frozen=True)
 class Consistency:
-    """The certificate of a candidate disaggregation Q (paper: a wrong Q is practically never consistent).
+    """The certificate of a candidate disaggregation Q (paper, Sec. 4: a wrong Q is never consistent).
 
-    mismatches: entries where the ReLU pattern contradicts G = L Q (see `certify` for the bands).
-    bias_residual: ||G 1 - dbias|| / ||dbias||.
+    mismatches: entries where the ReLU pattern contradicts G: G zero but Z = W x + bias clearly positive, or G
+    non-zero but Z clearly negative ("clearly": beyond tol times the scale of the entry, a band that absorbs the
+    rounding of the observed gradient).
+    bias_residual: ||G 1 - dbias|| / ||dbias||, with G = L Q.
     """
 
     mismatches: int
@@ -197,9 +187,7 @@ def family_kernels(rows: Tensor) -> tuple[Tensor, Tensor]:
     y = rows[:, :, :b-2]^-1 rows[:, :, b-2:]. Returns y: (K, b-2, 2) and ok: (K,) bool (non-singular, finite).
     """
     d = rows.shape[1]
-    # lu_factor_ex + lu_solve: a quarter cheaper than solve_ex on batches of small matrices (measured, torch 2.x CPU).
-    lu, pivots, info = torch.linalg.lu_factor_ex(rows[:, :, :d])
-    y = torch.linalg.lu_solve(lu, pivots, rows[:, :, d:])
+    y, info = torch.linalg.solve_ex(rows[:, :, :d], rows[:, :, d:])
     ok = (info == 0) & torch.isfinite(y).all(dim=(1, 2))
     return y, ok
 
@@ -311,29 +299,16 @@ def zero_mask(unit_rows: Tensor, directions: Tensor, tol: float) -> Tensor:
     return (unit_rows @ directions.T).abs() <= tol
 
 
-def refine(unit_rows: Tensor, directions: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+def refine(unit_rows: Tensor, directions: Tensor, mask: Tensor) -> Tensor:
     """Least-squares kernel of each direction's zero rows: the smallest eigenvector of sum_j l_j l_j^T.
 
-    unit_rows: (m', b); directions: (c, b); mask: (m', c). Returns (c, b) unit directions with the sign of the
-    input, and the second-smallest eigenvalue (c,) (see `support`).
+    unit_rows: (m', b); directions: (c, b); mask: (m', c). Returns (c, b) unit directions with the sign of the input.
     """
     gram = torch.einsum("jc,ja,jb->cab", mask.to(_F64), unit_rows, unit_rows)
-    vals, vecs = torch.linalg.eigh(gram)
+    _, vecs = torch.linalg.eigh(gram)
     q = vecs[:, :, 0]
     sign = torch.sign((q * directions).sum(1))
-    return q * torch.where(sign == 0, 1.0, sign)[:, None], vals[:, 1]
-
-
-def support(second_eigenvalue: Tensor, counts: Tensor, b: int) -> Tensor:
-    """How well a direction's zero rows span its orthogonal complement, relative to an even spread (c,).
-
-    The zero rows of a column q_i of G are all rows where sample i is inactive: they fill q_i's complement, and
-    the smallest non-zero eigenvalue of their Gram matrix is a fair share of their count (0.2-0.6 x count/(b-1)
-    measured on natural images). A mix of k columns is zero on the rows where all k are, which are orthogonal to
-    all k directions, plus the few rows its proposal forced: k-1 directions of its complement rest on those few
-    rows, and the ratio falls below 0.02. `_SUPPORTED` sits between.
-    """
-    return second_eigenvalue * (b - 1) / counts.clamp_min(1).to(_F64)
+    return q * torch.where(sign == 0, 1.0, sign)[:, None]
 
 
 @dataclass
@@ -348,7 +323,6 @@ class Candidates:
     directions: Tensor
     counts: Tensor
     masks: Tensor
-    support: Tensor
     dominated: Tensor
     keep_dominated: int
     version: int = 0
@@ -356,40 +330,18 @@ class Candidates:
     @classmethod
     def empty(cls, m: int, b: int) -> "Candidates":
         return cls(torch.empty(0, b, dtype=_F64), torch.empty(0, dtype=torch.long),
-                   torch.empty(m, 0, dtype=torch.bool), torch.empty(0, dtype=_F64), torch.empty(0, dtype=torch.bool),
-                   keep_dominated=2 * b)
+                   torch.empty(m, 0, dtype=torch.bool), torch.empty(0, dtype=torch.bool), keep_dominated=2 * b)
 
     def __len__(self) -> int:
         return self.directions.shape[0]
 
-    @property
-    def likely(self) -> Tensor:
-        """(c,) bool: not dominated, and zero rows spanning the complement (`support`): most likely columns."""
-        return ~self.dominated & (self.support > _SUPPORTED)
-
-    def add(self, directions: Tensor, counts: Tensor, masks: Tensor, support: Tensor) -> None:
-        """Add new directions (c, b) with their counts, zero masks (m, c) and `support`.
-
-        A direction parallel to a known one (|cos| > 1 - _SAME) replaces it when it has more zeros (the known one
-        was imprecise) and is dropped otherwise.
-        """
+    def add(self, directions: Tensor, counts: Tensor, masks: Tensor) -> None:
         if directions.shape[0] == 0:
             return
-        before = self.directions.clone()
-        if len(self):
-            cos = (directions @ self.directions.T).abs()
-            best, match = cos.max(dim=1)
-            dup = best > 1 - _SAME
-            better = dup & (counts > self.counts[match])
-            for i in torch.nonzero(better).flatten().tolist():
-                k = int(match[i])
-                self.directions[k], self.counts[k], self.support[k] = directions[i], counts[i], support[i]
-                self.masks[:, k] = masks[:, i]
-            directions, counts, masks, support = directions[~dup], counts[~dup], masks[:, ~dup], support[~dup]
+        before = self.directions
         self.directions = torch.cat((self.directions, directions))
         self.counts = torch.cat((self.counts, counts))
         self.masks = torch.cat((self.masks, masks), dim=1)
-        self.support = torch.cat((self.support, support))
         self.prune()
         if self.directions.shape != before.shape or not torch.equal(self.directions, before):
             self.version += 1
@@ -416,7 +368,7 @@ class Candidates:
         keep[order] = ~self.dominated[order] | (rank_in_dominated <= self.keep_dominated)
         if not bool(keep.all()):
             self.directions, self.counts = self.directions[keep], self.counts[keep]
-            self.masks, self.dominated, self.support = self.masks[:, keep], self.dominated[keep], self.support[keep]
+            self.masks, self.dominated = self.masks[:, keep], self.dominated[keep]
 
     def dominance(self, masks: Tensor, rows: Tensor) -> tuple[Tensor, int]:
         """For new zero patterns masks: (r, c) on `rows`: which lie inside a known candidate's (as in `prune`), and
@@ -434,9 +386,8 @@ class Candidates:
         return dominated.any(dim=1), floor
 
     def order(self) -> list[int]:
-        """Stage-1 order: likely columns, then other non-dominated directions, then dominated ones; each group
-        sparsest first."""
-        key = self.dominated.to(torch.long) * (1 << 41) + (~self.likely).to(torch.long) * (1 << 40) - self.counts
+        """Stage-1 order: directions not dominated first, each group sparsest first."""
+        key = self.dominated.to(torch.long) * (1 << 40) - self.counts
         return torch.argsort(key, stable=True).tolist()
 
 
@@ -609,7 +560,7 @@ class Search:
     min_run: int
     samples: int = 0
     proposals: int = 0
-
+    cond_masks: Tensor | None = None
 
     def accept(self, q: Tensor, common: Tensor) -> None:
         """Full count of proposal directions q (c, b); refine; keep those passing the sparsity filter.
@@ -617,38 +568,32 @@ class Search:
         common: (m', c) rows zero on the proposal's whole family plane. A direction passes with at least
         `min_zeros` zeros in all and `min_run` of them outside its common rows (see `plane_runs`).
         """
-        # Duplicates of well-supported candidates are dropped early; a copy of a poorly supported one is refined
-        # anyway and replaces it when it has more zeros (`Candidates.add`): an imprecise direction must not
-        # shadow the exact one.
-        fresh = ~_parallel_to(q, self.cands.directions[self.cands.likely])
+        fresh = ~_parallel_to(q, self.cands.directions)
         q, common = q[fresh], common[:, fresh]
         if q.shape[0] == 0:
             return
         # A proposal whose zero set already lies inside a known candidate's is a mix (see `Candidates.prune`);
         # unless it would rank among the dominated directions the pool keeps, skip its refinement.
-        loose = zero_mask(self.act_rows, q, self.count_tol)
-        dominated, floor = self.cands.dominance(loose, self.pool)
-        keep = ~dominated | (loose.sum(0) > floor)
+        dominated, floor = self.cands.dominance(zero_mask(self.act_rows, q, self.count_tol), self.pool)
+        keep = ~dominated | (zero_mask(self.act_rows, q, self.count_tol).sum(0) > floor)
         q, common = q[keep], common[:, keep]
         if q.shape[0] == 0:
             return
         # Least squares on the rows found zero, under a narrowing tolerance: a non-zero row that slipped under the
         # loose one biases the first fit and is then left out (the certificate wants zeros at tol / 30).
         for tol in (self.count_tol, self.tol, self.tol / 10):
-            q, _ = refine(self.act_rows, q, zero_mask(self.act_rows, q, tol))
+            q = refine(self.act_rows, q, zero_mask(self.act_rows, q, tol))
         tight = zero_mask(self.act_rows, q, self.tol)
         counts = tight.sum(0)
         keep = (counts >= self.min_zeros) & ((tight & ~common).sum(0) >= self.min_run)
         q, tight, counts = q[keep], tight[:, keep], counts[keep]
-        keep = ~_parallel_to_earlier(q)
+        keep = ~_parallel_to(q, self.cands.directions) & ~_parallel_to_earlier(q)
         if bool(keep.any()):
-            q, tight, counts = q[keep], tight[:, keep], counts[keep]
-            _, second = refine(self.act_rows, q, tight)
-            masks = torch.ones(self.m, q.shape[0], dtype=torch.bool)
-            masks[self.pool] = tight
-            self.cands.add(q, counts, masks, support(second, counts, q.shape[1]))
+            masks = torch.ones(self.m, int(keep.sum()), dtype=torch.bool)
+            masks[self.pool] = tight[:, keep]
+            self.cands.add(q[keep], counts[keep], masks)
 
-    def examine(self, rows: Tensor, y: Tensor, chol: Tensor, cond: Tensor, gen: torch.Generator) -> None:
+    def examine(self, rows: Tensor, y: Tensor, chol: Tensor, cond: Tensor) -> None:
         """Full count of the families whose screening flagged a shared angle.
 
         rows: (r,) active-row indices where the families' columns can vanish (all active rows, or the zero set of
@@ -665,7 +610,7 @@ class Search:
         q = plane_directions(y, chol, angle, fam)
         # Many families of a batch find the same column, mostly one already known: drop those before the
         # costlier steps. In a deflated family a known column shows as its projection off the conditioning ones.
-        known = self.cands.directions[self.cands.likely]
+        known = self.cands.directions
         if cond.shape[0]:
             basis, _ = torch.linalg.qr(cond.T)
             known = known - (known @ basis) @ basis.T
@@ -678,18 +623,15 @@ class Search:
         common = torch.zeros(self.act_rows.shape[0], q.shape[0], dtype=torch.bool)
         common[rows] = common_local
         if cond.shape[0]:
-            outside = torch.ones(self.act_rows.shape[0], dtype=torch.bool)
-            outside[rows] = False
-            q, counts = lift(self.act_rows, q, cond, torch.nonzero(outside).flatten(),
-                             self.cands.directions[self.cands.likely], self.count_tol, gen)
-            q, common = q[counts >= self.min_zeros], common[:, counts >= self.min_zeros]
+            q, ok = lift(self.act_rows, q, cond, self.cond_masks, self.pair_tol, self.min_run)
+            q, common = q[ok], common[:, ok]
         self.accept(q, common)
 
     def screen_plane(self) -> None:
         """b = 2: the kernel of no rows is the whole plane; one family, counted on every active row."""
         chol = torch.tensor([[1.0], [0.0], [1.0]], dtype=_F64)
         self.examine(torch.arange(self.act_rows.shape[0]), torch.empty(1, 0, 2, dtype=_F64), chol,
-                     torch.empty(0, 2, dtype=_F64), torch.Generator())
+                     torch.empty(0, 2, dtype=_F64))
         self.samples, self.proposals = 1, self.act_rows.shape[0]
 
     def conditioning(self, subset: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -699,7 +641,7 @@ class Search:
         a family and screen it. Returns cond: (f, b) (f may be 0) and rows: (r,) active-row indices.
         """
         m_act, b = self.act_rows.shape
-        free = torch.nonzero(self.cands.likely).flatten()   # a mix would condition on the wrong zero set
+        free = torch.nonzero(~self.cands.dominated).flatten()
         free = free[torch.randperm(free.numel(), generator=gen)]
         inside = torch.ones(m_act, dtype=torch.bool)
         chosen: list[int] = []
@@ -712,6 +654,7 @@ class Search:
                 continue
             inside = both
             chosen.append(c)
+        self.cond_masks = zeros[:, chosen]
         return self.cands.directions[chosen], torch.nonzero(inside).flatten()
 
     def sample(self, K: int, subset: int, gen: torch.Generator, deflate: bool = False) -> None:
@@ -732,7 +675,7 @@ class Search:
         subset_idx = perm[:s_rows]
         family = self.act_rows[rows[distinct_draws(rows.numel(), K, d, gen)]]    # (K, b-2-f, b)
         if cond.shape[0]:
-            family = torch.cat((family, cond.expand(family.shape[0], -1, -1)), dim=1)
+            family = torch.cat((family, cond.expand(K, -1, -1)), dim=1)
         y, ok = family_kernels(family)                                # repeated rows are exactly singular: dropped
         if not bool(ok.all()):
             y = y[ok]
@@ -753,23 +696,18 @@ class Search:
             if flagged.numel() == 0:
                 return
             y, chol = y[flagged], chol[:, flagged]
-        self.examine(rows, y, chol, cond, gen)
+        self.examine(rows, y, chol, cond)
 
 
 def distinct_draws(r: int, K: int, d: int, gen: torch.Generator) -> Tensor:
-    """About K uniform random d-subsets of range(r): a (K', d) index tensor whose rows have distinct entries.
+    """K uniform random d-subsets of range(r) as a (K, d) index tensor, rows of distinct indices when cheap.
 
-    A repeated row would make a singular submatrix, a wasted solve. While repeats are rare enough (d^2 <= 4 r)
-    draws are made with replacement, a little over K of them, and rows with a repeat are dropped (one sort);
-    with fewer rows a partial Fisher-Yates shuffle draws without replacement.
+    Few rows (r small next to d^2) would repeat an index in many draws, each a wasted, singular solve: there a
+    partial Fisher-Yates shuffle draws without replacement. Otherwise independent draws; the rare repeats give
+    exactly singular submatrices that `family_kernels` drops.
     """
-    if d <= 1:
+    if d * (d - 1) <= 0.1 * r or d == 0:
         return torch.randint(0, r, (K, d), generator=gen)
-    if d * d <= 4 * r:
-        valid = math.exp(-d * (d - 1) / (2 * r))                 # P(no repeat), birthday bound
-        idx = torch.randint(0, r, (math.ceil(1.05 * K / valid), d), generator=gen)
-        ordered = idx.sort(dim=1).values
-        return idx[~(ordered[:, 1:] == ordered[:, :-1]).any(dim=1)][:K]
     perm = torch.arange(r).repeat(K, 1)
     rows = torch.arange(K)
     for i in range(d):
@@ -780,36 +718,40 @@ def distinct_draws(r: int, K: int, d: int, gen: torch.Generator) -> Tensor:
     return perm[:, :d]
 
 
-def lift(act_rows: Tensor, p: Tensor, cond: Tensor, outside: Tensor, known: Tensor, tol: float,
-         gen: torch.Generator, tries: int = 256) -> tuple[Tensor, Tensor]:
-    """Undo the quotient of deflated families: find q_i in span(p, q_C) from its projection p off q_C.
+def lift(act_rows: Tensor, p: Tensor, cond: Tensor, cond_masks: Tensor, tol: float, min_run: int
+         ) -> tuple[Tensor, Tensor]:
+    """Undo the quotient of deflated families: find q_i = p + sum_k alpha_k q_k from its projection p.
 
-    act_rows: (m', b) unit rows; p: (c, b) directions found (few: duplicates are dropped before); cond: (f, b) the
-    conditioning directions; outside: (r,) active rows outside their common zero set; known: (k, b) directions
-    already in the pool, which cannot be the answer. q_i is the direction of the
-    (f+1)-dimensional span(p, q_C) that is zero on the most rows: f rows of zeros_i outside the common zero set
-    determine it, so f random outside rows are drawn `tries` times (all in zeros_i with probability ~rho^f) and the
-    direction with the most zeros (|<l_j, q>| <= tol) over all active rows wins. Returns (c, b) unit directions and
-    their zero counts (c,).
+    act_rows: (m', b) unit rows; p: (c, b) directions found; cond: (f, b) the conditioning directions q_k;
+    cond_masks: (m', f) their zero sets. On rows in every zero set but q_k's, <l_j, q_i> = <l_j, p> + alpha_k
+    <l_j, q_k>, which vanishes on the rows of zeros_i: there all rows give the same alpha_k, read off as the
+    longest run of equal angles atan2(-<l_j, p>, <l_j, q_k>) (mod pi). Returns (c, b) unit directions and ok (c,).
     """
     f = cond.shape[0]
-    out, counts = [], []
-    for v in p:
-        basis, _ = torch.linalg.qr(torch.cat((v[None], cond)).T)                    # (b, f+1) orthonormal
-        coords = act_rows[outside] @ basis                                           # (r, f+1)
-        rows = coords[distinct_draws(coords.shape[0], tries, f, gen)]                # (T, f, f+1)
-        y, info = torch.linalg.solve_ex(rows[:, :, :f], rows[:, :, f:])
-        ok = (info == 0) & torch.isfinite(y).all(dim=(1, 2))
-        kern = torch.cat((-y[..., 0], torch.ones_like(y[:, :1, 0])), dim=1)         # kernel of each f x (f+1) block
-        q = kern[ok] @ basis.T
-        q = q / q.norm(dim=1, keepdim=True)
-        # f rows in a known column's zero set (a conditioning one lies in the span) give it back: not a new one.
-        q = q[~_parallel_to(q, known)]
-        zeros = zero_mask(act_rows, q, tol).sum(0) if q.shape[0] else torch.zeros(1, dtype=torch.long)
-        best = int(torch.argmax(zeros))
-        out.append(q[best] if q.shape[0] else v)
-        counts.append(int(zeros[best]))
-    return torch.stack(out), torch.tensor(counts)
+    out = p.clone()
+    ok = torch.ones(p.shape[0], dtype=torch.bool)
+    for k in range(f):
+        others = torch.ones(f, dtype=torch.bool)
+        others[k] = False
+        rows = act_rows[cond_masks[:, others].all(dim=1) & ~cond_masks[:, k]]      # (r, b)
+        if rows.shape[0] < 3:
+            return out, torch.zeros_like(ok)
+        a = rows @ out.T                                                             # (r, c)
+        c = (rows @ cond[k])[:, None].expand_as(a)
+        theta = torch.atan2(-a, c).remainder(math.pi)
+        theta, _, gaps = sorted_gaps(theta)
+        close = gaps < tol
+        close[0] = False
+        run_id = torch.cumsum(~close, dim=0) - 1
+        lengths = torch.zeros(out.shape[0], theta.shape[0], dtype=torch.long)
+        lengths.scatter_add_(1, run_id.T, torch.ones_like(run_id.T))
+        best_len, best_run = lengths.max(dim=1)
+        ok &= best_len >= min(min_run, 3)
+        first = (run_id == best_run[None, :]).to(torch.long).argmax(dim=0)            # first row of the run
+        phi = theta.gather(0, first[None, :])[0]
+        # q ~ p + tan(phi) q_k, written without the tangent: cos(phi) p + sin(phi) q_k.
+        out = torch.cos(phi)[:, None] * out + torch.sin(phi)[:, None] * cond[k][None, :]
+    return out / out.norm(dim=1, keepdim=True), ok
 
 
 def _parallel_to(q: Tensor, known: Tensor) -> Tensor:
@@ -820,23 +762,10 @@ def _parallel_to(q: Tensor, known: Tensor) -> Tensor:
 
 
 def _parallel_to_earlier(q: Tensor) -> Tensor:
-    """(c,) bool: row i of q parallel to a row j < i.
-
-    Proposals of a batch repeat a few directions many times: peel off one direction and its copies at a time,
-    O(c) per distinct direction, and compare all pairs only when most are distinct.
-    """
-    c = q.shape[0]
-    dup = torch.ones(c, dtype=torch.bool)
-    left = torch.arange(c)
-    for _ in range(32):
-        if left.numel() == 0:
-            return dup
-        first = left[0]
-        dup[first] = False
-        left = left[(q[left] @ q[first]).abs() <= 1 - _SAME]
-    rest = torch.tril((q[left] @ q[left].T).abs() > 1 - _SAME, diagonal=-1).any(dim=1)
-    dup[left] = rest
-    return dup
+    """(c,) bool: row i of q parallel to a row j < i."""
+    if q.shape[0] < 2:
+        return torch.zeros(q.shape[0], dtype=torch.bool)
+    return torch.tril((q @ q.T).abs() > 1 - _SAME, diagonal=-1).any(dim=1)
 
 
 # --- the algorithm ----------------------------------------------------------------------------------------------------
@@ -900,8 +829,7 @@ def reconstruct(
         return best is not None and best.consistency.mismatches == 0 and fit_ok
 
     if b == 1:
-        search.cands.add(torch.ones(1, 1, dtype=_F64), (~active).sum().view(1), (~active)[:, None].clone(),
-                         torch.ones(1, dtype=_F64))
+        search.cands.add(torch.ones(1, 1, dtype=_F64), (~active).sum().view(1), (~active)[:, None].clone())
     elif b == 2:
         search.screen_plane()
     elif pool.numel() - (b - 2) >= 2:
@@ -913,7 +841,7 @@ def reconstruct(
             # so that a column whose zeros overlap the found ones' poorly is still reached.
             batches += 1
             search.sample(min(size, max_samples - search.samples), subset, gen,
-                          deflate=deflate and batches % 4 != 0 and bool(search.cands.likely.any()))
+                          deflate=deflate and batches % 4 != 0 and len(search.cands) > 0)
             size = min(2 * size, chunk)
             if len(search.cands) < b:
                 continue

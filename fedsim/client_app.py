@@ -19,6 +19,8 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 
 from defenses.base import Defense, DefenseContext, build_defense
+from defenses.keylock import keylock_mod
+from defenses.secagg import secagg_mod
 from fedsim.arrays import to_state_dict
 from fedsim.audit import may_audit
 from fedsim.config import FLConfig, RunConfig, validate
@@ -66,7 +68,9 @@ class ClientPlan:
         from fedsim.models import build_model
 
         bundle = self._partitions[0]
-        return build_model(self.run.model, bundle.input_shape, bundle.num_classes, self.run.seed)
+        # with its private parts (e.g. key-lock layers, whose values the client's mods restore from its state)
+        return self.defense.build_model(build_model(self.run.model, bundle.input_shape, bundle.num_classes,
+                                                    self.run.seed), private=True)
 
     @cached_property
     def _model_is_reusable(self) -> bool:
@@ -115,7 +119,7 @@ def defense_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
         return call_next(msg, context)
     plan = plan_of(msg)
     defense = plan.defense
-    if type(defense).transform is Defense.transform:  # identity: leave the reply bit for bit as it is
+    if not defense.transforms:  # identity: leave the reply bit for bit as it is
         return call_next(msg, context)
     incoming = to_state_dict(msg.content["arrays"])
     out = call_next(msg, context)
@@ -137,7 +141,8 @@ def defense_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
     return out
 
 
-app = ClientApp(mods=[fault_mod, defense_mod])
+# Outermost first: SecAgg+ (protocol messages only), faults, the update transform, key-lock's private layers.
+app = ClientApp(mods=[secagg_mod, fault_mod, defense_mod, keylock_mod])
 
 
 @app.query()
@@ -148,6 +153,24 @@ def query(msg: Message, context: Context) -> Message:
     if "num-partitions" in context.node_config:
         info["num-partitions"] = int(context.node_config["num-partitions"])
     return Message(RecordDict({CLIENT_KEY: ConfigRecord(info)}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_global(msg: Message, context: Context) -> Message:
+    """Accuracy of the global model on the test split, as this client runs it (e.g. with its private key-lock
+    layers, which its mods restore); sent only by strategies that ask clients to evaluate."""
+    plan = plan_of(msg)
+    bundle, _, _ = plan.data(partition_id(context))
+    model = plan.model()
+
+    from fedsim.training import evaluate
+
+    with single_thread():
+        model.load_state_dict(to_state_dict(msg.content["arrays"]))
+        accuracy, loss = evaluate(model, bundle.test_x, bundle.test_y)
+    return Message(RecordDict({"metrics": MetricRecord({"accuracy": accuracy, "loss": loss,
+                                                        "num-examples": len(bundle.test_y)}),
+                               CLIENT_KEY: ConfigRecord({"partition-id": partition_id(context)})}), reply_to=msg)
 
 
 @app.train()

@@ -271,7 +271,7 @@ def validate(cfg: Any, *, deep: bool = True) -> RunConfig:
     model_config(run.model)
     runtime_config(run.runtime)
     attack = build_attack(run.attack)
-    build_defense(run.defense)
+    build_defense(run.defense).check_run(run)
     if deep:
         _deep_checks(run, attack)
     return run
@@ -305,6 +305,7 @@ def _deep_checks(run: RunConfig, attack: Any) -> None:
     from fedsim.data import load_dataset
     from fedsim.data.partition import partition
     from fedsim.models import build_model
+    from defenses.base import build_defense
     from fedsim.threat import TrainMeta
 
     bundle = load_dataset(run.data)
@@ -314,6 +315,7 @@ def _deep_checks(run: RunConfig, attack: Any) -> None:
         raise ConfigError("fl.batch_size", run.fl.batch_size,
                           f"at most {smallest} (the smallest client's data with fl.clients={run.fl.clients})")
     model = build_model(run.model, bundle.input_shape, bundle.num_classes, run.seed)
+    model = build_defense(run.defense).build_model(model, private=False)  # the model the server holds
     attack.check(model, threat_meta(run, bundle))
 
 

@@ -32,6 +32,9 @@ log = logging.getLogger("fedsim")
 
 AUDIT_KEY = "fedsim.audit"    # ConfigRecord with the client's true batch (simulation only)
 CLIENT_KEY = "fedsim.client"  # ConfigRecord with the client's partition id and the names of its buffers
+GRANT_KEY = "fedsim.grant"    # ConfigRecord with defense secrets the threat model grants the attacker (simulation)
+AGGREGATE_KEY = "fedsim.aggregate"  # ConfigRecord on replies that carry a secure aggregate, not one client's update
+AGGREGATE_CLIENT = -1         # the client id under which attacks on an aggregate are recorded
 
 
 # --- ground truth: only the scorer handles it ------------------------------------------------------------------
@@ -150,13 +153,18 @@ class CuriousStrategy(Strategy):
     client_of_node: node id -> client id when known (else taken from replies, or numbered in order of arrival).
     output: a directory for fedsim's result files (results.jsonl, rounds.jsonl, grids/, status.json), as a fedsim
         run writes them, so `fedsim-report` reads them; used when no `recorder` is given.
+    view: the attacker's view of each observation under the defense (`Defense.observe`); identity by default.
+
+    Replies that carry `AGGREGATE_KEY` (secure aggregation) hold one aggregate, not individual updates: it is
+    attacked once per round as client `AGGREGATE_CLIENT`, as a batch of all contributing clients' samples.
     """
 
     def __init__(self, strategy: Strategy, attacks: Sequence[Attack | str], model_fn: Callable[[], nn.Module],
                  threat: ThreatModel = ThreatModel(), *, targets: Any = "all", sample: int | None = None,
                  seed: int = 0, recorder: Recorder | None = None, scorer: Scorer = default_scorer,
                  drop_faulty: bool = True, min_clients: int = 1, arrayrecord_key: str | None = None,
-                 client_of_node: Mapping[int, int] | None = None, output: str | None = None) -> None:
+                 client_of_node: Mapping[int, int] | None = None, output: str | None = None,
+                 view: Callable[[Observation], Observation] | None = None) -> None:
         self.inner = strategy
         from attacks.base import build_attack
 
@@ -182,6 +190,7 @@ class CuriousStrategy(Strategy):
         self._global: dict[int, dict[str, Tensor]] = {}
         self._client_ids: dict[int, int] = dict(client_of_node or {})  # node id -> client id
         self._param_names: list[str] | None = None
+        self.view = view
 
     # -- delegation ---------------------------------------------------------------------------------------------
     def start(self, *args, **kwargs):
@@ -204,7 +213,10 @@ class CuriousStrategy(Strategy):
         return self.inner.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.inner.aggregate_evaluate(server_round, replies)
+        metrics = self.inner.aggregate_evaluate(server_round, replies)
+        if metrics:  # clients' own evaluation (e.g. with their private key-lock layers), beside the server's
+            self.recorder.on_round(server_round, {k: v for k, v in metrics.items()})
+        return metrics
 
     # -- observe ------------------------------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -221,14 +233,23 @@ class CuriousStrategy(Strategy):
         sent = self._sent.pop(server_round, [])
         healthy = self._screen(server_round, replies, sent, global_state)
         truths = {id(r): _pop_audit(r) for r in replies if not r.has_error()}
-        if global_state is not None:
+        grants = {id(r): _pop_grant(r) for r in replies if not r.has_error()}
+        aggregate = next((r for r in healthy if AGGREGATE_KEY in r.content.config_records), None)
+        if global_state is not None and aggregate is not None:
+            info = aggregate.content.config_records[AGGREGATE_KEY]
+            truth = next((truths[id(r)] for r in healthy if truths.get(id(r)) is not None), None)
+            self._observe(server_round, aggregate, global_state, truth, client=AGGREGATE_CLIENT,
+                          batch_size=int(info["batch-size"]) if "batch-size" in info else None,
+                          num_examples=int(info["num-examples"]) if "num-examples" in info else None)
+        elif global_state is not None:
             chosen = self._choose(server_round, healthy)
             for reply in chosen:
-                self._observe(server_round, reply, global_state, truths.get(id(reply)))
+                self._observe(server_round, reply, global_state, truths.get(id(reply)), grant=grants.get(id(reply)))
         healthy_ids = {id(r) for r in healthy}
         kept = [r for r in replies if id(r) in healthy_ids or r.has_error() or not self.drop_faulty]
         n_healthy = len(healthy)
-        self.recorder.on_round(server_round, {"sent": len(sent), "received": len(replies), "healthy": n_healthy})
+        self.recorder.on_round(server_round, {"sent": len(sent), "received": len(replies), "healthy": n_healthy,
+                                              "observed": "aggregate" if aggregate is not None else "individual"})
         if n_healthy < self.min_clients:
             self.recorder.on_round(server_round, {"skipped": f"{n_healthy} healthy replies < min_clients={self.min_clients}"})
             arrays, metrics = None, None
@@ -272,8 +293,9 @@ class CuriousStrategy(Strategy):
         return chosen
 
     def _observe(self, server_round: int, reply: Message, global_state: Mapping[str, Tensor],
-                 truth: GroundTruth | None) -> None:
-        client = self._client_of(reply)
+                 truth: GroundTruth | None, *, client: int | None = None, batch_size: int | None = None,
+                 num_examples: int | None = None, grant: Mapping[str, Any] | None = None) -> None:
+        client = self._client_of(reply) if client is None else client
         model = self.model_fn()
         global_state = named_state(global_state, model)
         model.load_state_dict(global_state)
@@ -287,9 +309,13 @@ class CuriousStrategy(Strategy):
         else:
             update = {k: state[k] - global_state[k] for k in state if k in params}
         buffers = {k: v for k, v in state.items() if k not in params} if self.threat.share_buffers else None
-        meta = self._meta(mode, reply, model, truth)
+        meta = self._meta(mode, reply, model, truth, batch_size=batch_size, num_examples=num_examples)
+        if grant:
+            meta = replace(meta, private={**meta.private, **grant})
         for attack in self.attacks:
             obs = Observation(server_round, client, copy.deepcopy(model), update, meta, buffers)
+            if self.view is not None:
+                obs = self.view(obs)
             start = time.perf_counter()
             recon, error = None, None
             try:
@@ -312,16 +338,17 @@ class CuriousStrategy(Strategy):
         ref = sum(float(global_state[k].double().norm() ** 2) for k in params if k in global_state)
         return "fedavg" if math.sqrt(diff) < 0.5 * math.sqrt(ref) else "fedsgd"
 
-    def _meta(self, mode: str, reply: Message, model: nn.Module, truth: GroundTruth | None) -> TrainMeta:
+    def _meta(self, mode: str, reply: Message, model: nn.Module, truth: GroundTruth | None,
+              batch_size: int | None = None, num_examples: int | None = None) -> TrainMeta:
         t = self.threat
         input_shape = t.input_shape or (tuple(truth.inputs.shape[1:]) if truth is not None else _infer_input(model))
-        num_examples = None
         for record in reply.content.metric_records.values():
-            if "num-examples" in record:
+            if "num-examples" in record and num_examples is None:
                 num_examples = int(record["num-examples"])
         labels = truth.labels.clone() if (t.grant_labels and truth is not None) else None
         return TrainMeta(mode=mode, input_shape=input_shape, num_classes=t.num_classes or _infer_classes(model),
-                         normalization=t.normalization, batch_size=t.batch_size,
+                         normalization=t.normalization,
+                         batch_size=batch_size if (batch_size is not None and t.batch_size) else t.batch_size,
                          local_steps=1 if mode == "fedsgd" else t.local_steps, lr=t.lr, num_examples=num_examples,
                          labels=labels)
 
@@ -362,6 +389,11 @@ def named_state(arrays: Mapping[str, Tensor], model: nn.Module) -> dict[str, Ten
 def _pop_audit(reply: Message) -> GroundTruth | None:
     record = reply.content.pop(AUDIT_KEY, None) if reply.has_content() else None
     return read_audit(record) if record is not None else None
+
+
+def _pop_grant(reply: Message) -> dict[str, Any] | None:
+    record = reply.content.pop(GRANT_KEY, None) if reply.has_content() else None
+    return dict(record) if record is not None else None
 
 
 def _targeted(client: int, targets: Any) -> bool:

@@ -108,8 +108,9 @@ def run_federation(grid: Grid, run: RunConfig, output: str, *, show_progress: bo
     try:
         bundle = load_dataset(run.data)
 
-        def model_fn():
-            return build_model(run.model, bundle.input_shape, bundle.num_classes, run.seed)
+        def model_fn():  # the server's model: what the defense lets it hold (key-lock: shared layers only)
+            return defense.build_model(build_model(run.model, bundle.input_shape, bundle.num_classes, run.seed),
+                                       private=False)
 
         recorder = RunRecorder(writer, run_info={"defense": defense.name, **_prefixed(defense.strength()),
                                                  "seed": run.seed, "mode": run.fl.mode,
@@ -120,8 +121,9 @@ def run_federation(grid: Grid, run: RunConfig, output: str, *, show_progress: bo
         partition_of = discover_partitions(grid, nodes, run.fl.clients, run.fl.timeout)
         if run.faults.dropout > 0:
             grid = LossyGrid(grid, run.faults, run.seed, partition_of)
-        strategy = FedsimStrategy(partition_of=partition_of, mode=run.fl.mode, lr=run.fl.lr, seed=run.seed,
-                                  clients_per_round=run.fl.clients_per_round)
+        grid = defense.wrap_grid(grid, run)  # secure aggregation runs its protocol here
+        strategy = defense.wrap_strategy(FedsimStrategy(partition_of=partition_of, mode=run.fl.mode, lr=run.fl.lr,
+                                                        seed=run.seed, clients_per_round=run.fl.clients_per_round))
         t = run.threat
         threat = ThreatModel(
             mode=run.fl.mode, batch_size=run.fl.batch_size if t.batch_size else None,
@@ -130,7 +132,7 @@ def run_federation(grid: Grid, run: RunConfig, output: str, *, show_progress: bo
             grant_labels=t.labels, share_buffers=t.buffers)
         hook = CuriousStrategy(strategy, [attack], model_fn, threat, targets=run.targets.targets,
                                sample=run.targets.sample, seed=run.seed, recorder=recorder,
-                               min_clients=run.fl.min_clients, client_of_node=partition_of)
+                               min_clients=run.fl.min_clients, client_of_node=partition_of, view=defense.observe)
         sample_rate = (run.fl.clients_per_round or run.fl.clients) / run.fl.clients
         eval_model = model_fn()
         last: dict = {}

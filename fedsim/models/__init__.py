@@ -54,7 +54,7 @@ def build_model(node: Any, input_shape: tuple[int, ...], num_classes: int, seed:
 
 @dataclass(frozen=True)
 class FCConfig:
-    widths: tuple[int, ...] = knob((256, 256), help="hidden widths; the first Linear+ReLU is the layer SPEAR attacks")
+    widths: tuple[int, ...] = knob((1000, 256), help="hidden widths; the first Linear+ReLU is the layer SPEAR attacks")
 
 
 class FC(nn.Module):
