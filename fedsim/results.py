@@ -15,6 +15,8 @@ import json
 from collections import defaultdict
 import math
 import os
+import shutil
+import socket
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -60,9 +62,10 @@ class ResultsWriter:
             raise ConfigError("hydra.run.dir", str(self.dir), f"a writable directory ({err.strerror})") from None
         for name in (RESULTS_FILE, ROUNDS_FILE):
             (self.dir / name).unlink(missing_ok=True)
+        shutil.rmtree(self.dir / GRID_DIR, ignore_errors=True)  # a re-run job keeps no grid of its last try
         (self.dir / CONFIG_FILE).write_text(config_yaml)
         self._status = {"state": "running", "rounds_done": 0, "rounds_total": rounds_total,
-                        "started_at": time.time(), "pid": os.getpid()}
+                        "started_at": time.time(), "pid": os.getpid(), "host": socket.gethostname()}
         self._write_status()
 
     def record(self, row: Mapping[str, Any]) -> None:
