@@ -21,7 +21,7 @@ EXIT_CONFIG = 2
 
 def main() -> None:
     """Console script: check group choices on the command line, then hand over to Hydra."""
-    problem = check_group_overrides(sys.argv[1:])
+    problem = check_group_overrides(sys.argv[1:]) or check_output_dir(sys.argv[1:])
     if problem:
         print(f"fedsim: {problem}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
@@ -56,6 +56,37 @@ def check_group_overrides(argv: list[str]) -> str | None:
             choice = choice.strip()
             if choice and choice != "null" and choice not in options:
                 return f"{key}={choice!r} is invalid: expected one of {', '.join(options)}"
+    return None
+
+
+def check_output_dir(argv: list[str]) -> str | None:
+    """A one-line problem when the run (or sweep) directory cannot be written; None when it can or is unknown."""
+    import tempfile
+
+    overrides = [a for a in argv if not a.startswith("-")]
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    try:
+        from hydra import compose, initialize_config_dir
+        from hydra.core.utils import setup_globals
+
+        setup_globals()  # registers ${now:...}
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+        key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+        target = Path(str(OmegaConf.select(cfg, key))).absolute()
+    except Exception:  # let Hydra report whatever it cannot compose
+        return None
+    existing = target
+    while not existing.exists():
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is not a directory")
+        with tempfile.NamedTemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        reason = err.strerror or str(err)
+        return f"{key}={str(target)!r} is invalid: expected a writable directory ({reason}: {existing})"
     return None
 
 

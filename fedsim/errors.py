@@ -21,6 +21,10 @@ class DatasetNotFound(FedsimError, FileNotFoundError):
     """A dataset that must be read from disk is not there."""
 
 
+class DatasetUnreadable(FedsimError):
+    """A dataset's files are there but cannot be read (corrupt or of another format)."""
+
+
 class AttackNotApplicable(FedsimError):
     """An attack cannot run against this model or threat model (raised at config time)."""
 

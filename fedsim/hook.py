@@ -139,7 +139,7 @@ class CuriousStrategy(Strategy):
     """Wrap `strategy` so an honest-but-curious server attacks every (targeted) client update.
 
     strategy: any Message-API strategy; it aggregates exactly as it would unwrapped.
-    attacks: attacks to run on each observation (instances of `attacks.base.Attack`).
+    attacks: attacks to run on each observation: `attacks.base.Attack` instances or registered names ("spear").
     model_fn: builds a fresh `nn.Module` with the architecture of the global model (weights are loaded from the
         ArrayRecord the server sends, by name).
     threat: what the server is assumed to know (`ThreatModel`).
@@ -147,20 +147,31 @@ class CuriousStrategy(Strategy):
     recorder: receives attack records, faults and round summaries (default: kept in memory).
     drop_faulty: leave replies with NaN/Inf or wrong shapes out of aggregation (they would poison the model).
     client_of_node: node id -> client id when known (else taken from replies, or numbered in order of arrival).
+    output: a directory for fedsim's result files (results.jsonl, rounds.jsonl, grids/, status.json), as a fedsim
+        run writes them, so `fedsim-report` reads them; used when no `recorder` is given.
     """
 
-    def __init__(self, strategy: Strategy, attacks: Sequence[Attack], model_fn: Callable[[], nn.Module],
+    def __init__(self, strategy: Strategy, attacks: Sequence[Attack | str], model_fn: Callable[[], nn.Module],
                  threat: ThreatModel = ThreatModel(), *, targets: Any = "all", sample: int | None = None,
                  seed: int = 0, recorder: Recorder | None = None, scorer: Scorer = default_scorer,
                  drop_faulty: bool = True, min_clients: int = 1, arrayrecord_key: str | None = None,
-                 client_of_node: Mapping[int, int] | None = None) -> None:
+                 client_of_node: Mapping[int, int] | None = None, output: str | None = None) -> None:
         self.inner = strategy
-        self.attacks = list(attacks)
+        from attacks.base import build_attack
+
+        self.attacks = [build_attack({"name": a}) if isinstance(a, str) else a for a in attacks]
         self.model_fn = model_fn
         self.threat = threat
         self.targets = targets
         self.sample = sample
         self.seed = seed
+        self._writer = None
+        if recorder is None and output is not None:
+            from fedsim.results import ResultsWriter, RunRecorder
+
+            self._writer = ResultsWriter(output)
+            self._writer.start(f"# results of CuriousStrategy around {type(strategy).__name__}\n", 0)
+            recorder = RunRecorder(self._writer, run_info={"seed": seed}, rounds=1, grid_clients=2)
         self.recorder = recorder if recorder is not None else MemoryRecorder()
         self.scorer = scorer
         self.drop_faulty = drop_faulty
@@ -172,6 +183,18 @@ class CuriousStrategy(Strategy):
         self._param_names: list[str] | None = None
 
     # -- delegation ---------------------------------------------------------------------------------------------
+    def start(self, *args, **kwargs):
+        """Run the strategy (Flower's `Strategy.start`); the result files are marked complete at the end."""
+        try:
+            result = super().start(*args, **kwargs)
+        except BaseException as err:
+            if self._writer is not None:
+                self._writer.finish("failed", error=f"{type(err).__name__}: {err}")
+            raise
+        if self._writer is not None:
+            self._writer.finish("complete")
+        return result
+
     def summary(self) -> None:
         self.inner.summary()
 
@@ -187,7 +210,7 @@ class CuriousStrategy(Strategy):
                         grid: Grid) -> Iterable[Message]:
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         self._sent[server_round] = [m.metadata.dst_node_id for m in messages]
-        self._global[server_round] = {k: v.detach().clone() for k, v in arrays.to_torch_state_dict().items()}
+        self._global[server_round] = {k: torch.from_numpy(v.numpy().copy()) for k, v in arrays.items()}
         return messages
 
     def aggregate_train(self, server_round: int,
@@ -207,8 +230,12 @@ class CuriousStrategy(Strategy):
         self.recorder.on_round(server_round, {"sent": len(sent), "received": len(replies), "healthy": n_healthy})
         if n_healthy < self.min_clients:
             self.recorder.on_round(server_round, {"skipped": f"{n_healthy} healthy replies < min_clients={self.min_clients}"})
-            return None, None
-        return self.inner.aggregate_train(server_round, kept)
+            arrays, metrics = None, None
+        else:
+            arrays, metrics = self.inner.aggregate_train(server_round, kept)
+        if self._writer is not None:  # no fedsim server evaluation closes the round: close it here
+            self.recorder.on_evaluate(server_round, dict(metrics or {}))
+        return arrays, metrics
 
     def _screen(self, server_round: int, replies: list[Message], sent: list[int],
                 global_state: Mapping[str, Tensor] | None) -> list[Message]:
@@ -247,10 +274,12 @@ class CuriousStrategy(Strategy):
                  truth: GroundTruth | None) -> None:
         client = self._client_of(reply)
         model = self.model_fn()
+        global_state = named_state(global_state, model)
         model.load_state_dict(global_state)
         model.eval()
         params = {name for name, _ in model.named_parameters()}
-        state = reply.content[self.arrayrecord_key].to_torch_state_dict()
+        state = named_state({k: torch.from_numpy(v.numpy().copy())
+                             for k, v in reply.content[self.arrayrecord_key].items()}, model)
         mode = self._mode(state, global_state, params)
         if mode == "fedsgd":
             update = {k: v for k, v in state.items() if k in params}
@@ -309,6 +338,24 @@ class CuriousStrategy(Strategy):
 
     def _known_client(self, node: int) -> int | None:
         return self._client_ids.get(node)
+
+
+def named_state(arrays: Mapping[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """Arrays keyed by the model's state_dict names.
+
+    Flower apps often send `ArrayRecord(list_of_ndarrays)` (keys "0", "1", ...): then the arrays are matched to
+    `model.state_dict()` (or, if fewer, to its parameters) in order, and their shapes must agree.
+    """
+    reference = model.state_dict()
+    if set(reference) <= set(arrays):
+        return {k: arrays[k] for k in reference}
+    values = list(arrays.values())
+    for names in (list(reference), [n for n, _ in model.named_parameters()]):
+        if len(names) == len(values) and all(tuple(v.shape) == tuple(reference[n].shape) for n, v in zip(names, values)):
+            state = dict(zip(names, values))
+            return {**{k: v for k, v in reference.items() if k not in state}, **state}
+    raise ValueError(f"the ArrayRecord's {len(values)} arrays match neither the names nor the order of the model's "
+                     f"state_dict ({len(reference)} entries): check model_fn builds the app's model")
 
 
 def _pop_audit(reply: Message) -> GroundTruth | None:

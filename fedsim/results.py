@@ -115,6 +115,24 @@ def read_status(directory: str | os.PathLike) -> dict:
     return json.loads(p.read_text()) if p.exists() else {}
 
 
+def run_state(directory: str | os.PathLike) -> str:
+    """complete | failed | interrupted | invalid | running (its process is alive) | incomplete (it died) | missing."""
+    status = read_status(directory)
+    state = status.get("state")
+    if state is None:
+        return "missing"
+    if state != "running":
+        return state
+    pid = status.get("pid")
+    try:
+        os.kill(int(pid), 0)
+    except (TypeError, ValueError, ProcessLookupError):
+        return "incomplete"
+    except PermissionError:  # alive, owned by someone else
+        pass
+    return "running"
+
+
 def save_grid(path: str | os.PathLike, originals: torch.Tensor, reconstructions: torch.Tensor | None,
               title: str, captions: list[str] | None = None) -> None:
     """Originals (top row) above their matched reconstructions (bottom row). Pixels (b, C, H, W) in [0, 1].

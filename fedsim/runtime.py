@@ -32,6 +32,8 @@ from fedsim.registry import Registry
 
 log = logging.getLogger("fedsim")
 
+INLINE_ACTIVE = False  # True while an in-process (inline) federation runs: it is a simulation
+
 
 @dataclass(frozen=True)
 class RuntimeSpec:
@@ -142,12 +144,16 @@ class InlineGrid(Grid):
         if context is None:
             reply = Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="unknown node"), reply_to=instruction)
         else:
+            global INLINE_ACTIVE
+            INLINE_ACTIVE = True
             try:
                 reply = self.client_app(instruction, context)
             except Exception as err:  # a client's exception is its reply, as on Flower's engines
                 reason = f"{type(err)}:<'{err}'>"
                 reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
                                 reply_to=instruction)
+            finally:
+                INLINE_ACTIVE = False
         reply.metadata.__dict__["_message_id"] = str(uuid4())
         return reply
 

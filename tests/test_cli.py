@@ -1,6 +1,8 @@
 """The `fedsim` command: a real run end to end, and one-line errors for bad input."""
 
 import json
+
+import pytest
 import subprocess
 import sys
 from pathlib import Path
@@ -52,7 +54,25 @@ def test_unknown_group_options_list_the_allowed_ones(tmp_path):
     assert "digits" in line and "patches" in line
 
 
-def test_batch_larger_than_client_data_is_refused(tmp_path):
-    line = _one_line_error(fedsim("data=digits", "fl.clients=10", "fl.batch_size=500", f"hydra.run.dir={tmp_path/'x'}",
-                                  cwd=tmp_path))
-    assert "fl.batch_size=500" in line and "smallest client's data" in line
+@pytest.mark.parametrize("args,expected", [
+    (["fl.mode=sgd"], "fl.mode='sgd' is invalid: expected one of fedsgd, fedavg"),
+    (["fl.batch_size=abc"], "fl.batch_size='abc' is invalid: expected an integer"),
+    (["data=digits", "fl.clients=10", "fl.batch_size=500"], "fl.batch_size=500 is invalid: expected at most"),
+    (["attack=analytic", "model=cnn"], "analytic needs a model whose input goes straight into a Linear layer"),
+    (["data=mnist", "data.root=/nonexistent/mnist"], "mnist not found under /nonexistent/mnist"),
+    (["data=mnist", "data.root={corrupt}"], "could not be read"),
+    (["hydra.run.dir={afile}/run"], "hydra.run.dir="),
+])
+def test_each_bad_input_exits_2_with_one_line_before_any_work(tmp_path, args, expected):
+    corrupt = tmp_path / "corrupt" / "MNIST" / "raw"
+    corrupt.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):
+        (corrupt / name).write_bytes(b"not an idx file")
+    (tmp_path / "afile").write_text("")
+    args = [a.format(corrupt=tmp_path / "corrupt", afile=tmp_path / "afile") for a in args]
+    if not any(a.startswith("hydra.run.dir") for a in args):
+        args.append(f"hydra.run.dir={tmp_path / 'out'}")
+    line = _one_line_error(fedsim(*args, cwd=tmp_path))
+    assert expected in line
+    assert not (tmp_path / "out").exists()

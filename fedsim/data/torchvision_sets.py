@@ -11,7 +11,7 @@ import torch
 
 from fedsim.config import knob
 from fedsim.data import DataBundle, channel_stats, normalize_images, register_dataset, stratified_split
-from fedsim.errors import DatasetNotFound
+from fedsim.errors import DatasetNotFound, DatasetUnreadable
 
 DEFAULT_ROOT = os.environ.get("FEDSIM_DATA", "~/.cache/fedsim/data")
 
@@ -68,7 +68,14 @@ def _pixels(data) -> torch.Tensor:
 
 def _make_loader(name: str):
     def load(cfg: TorchvisionConfig) -> DataBundle:
-        train, test = _torchvision_split(name, cfg, True), _torchvision_split(name, cfg, False)
+        try:
+            train, test = _torchvision_split(name, cfg, True), _torchvision_split(name, cfg, False)
+        except DatasetNotFound:
+            raise
+        except Exception as err:  # files present but unreadable
+            raise DatasetUnreadable(f"{name} under {_root(cfg.root)} could not be read ({type(err).__name__}: "
+                                    f"{str(err).splitlines()[0] if str(err) else ''}); remove it and fetch it "
+                                    "again with data.download=true") from None
         x_train, x_test = _pixels(train)[: cfg.max_train], _pixels(test)[: cfg.max_test]
         y_train = torch.as_tensor(np.asarray(train.targets), dtype=torch.int64)[: cfg.max_train]
         y_test = torch.as_tensor(np.asarray(test.targets), dtype=torch.int64)[: cfg.max_test]

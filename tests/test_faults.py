@@ -1,0 +1,99 @@
+"""Faulty clients are detected, recorded by kind, left out of aggregation, and the run goes on."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pytest
+
+from fedsim.config import FLConfig
+from fedsim.faults import FaultConfig, draw_fault
+from tests.conftest import fedsim_run
+
+BASE = ("data=digits", "model.widths=[32]", "attack=analytic", "fl.batch_size=1", "fl.clients=10")
+
+
+def expected_faults(cfg: FaultConfig, seed: int, rounds: int, clients: int) -> Counter:
+    return Counter((r, c, k) for r in range(1, rounds + 1) for c in range(clients)
+                   if (k := draw_fault(cfg, seed, r, c)) is not None)
+
+
+def test_fault_draws_are_seeded_and_match_their_fractions():
+    cfg = FaultConfig(crash=0.1, dropout=0.2, nan=0.3, shape=0.1)
+    kinds = Counter(draw_fault(cfg, 0, r, c) for r in range(1, 201) for c in range(50))
+    total = 200 * 50
+    for kind, share in (("crash", 0.1), ("dropout", 0.2), ("nan", 0.3), ("shape", 0.1), (None, 0.3)):
+        assert abs(kinds[kind] / total - share) < 0.015
+    assert [draw_fault(cfg, 0, 3, c) for c in range(20)] == [draw_fault(cfg, 0, 3, c) for c in range(20)]
+
+
+@pytest.mark.parametrize("kind", ["crash", "dropout", "nan", "shape"])
+def test_each_fault_kind_is_detected_recorded_and_left_out(tmp_path, kind):
+    r = fedsim_run(tmp_path, *BASE, "fl.rounds=2", f"faults.{kind}=0.3")
+    expected = expected_faults(FaultConfig(**{kind: 0.3}), 0, 2, 10)
+    assert expected, "the draw must hit someone for this test to mean anything"
+    recorded = Counter((f["round"], f["client"], f["fault"]) for f in r.faults())
+    assert recorded == expected
+    for row in r.rounds[1:]:
+        bad = sum(1 for (rnd, _, _) in expected if rnd == row["round"])
+        assert row["healthy"] == 10 - bad and row["faults"] == bad
+        assert math.isfinite(row["loss"])
+    attacked = {(a["round"], a["client"]) for a in r.attacks()}
+    assert not attacked & {(rnd, c) for rnd, c, _ in expected}           # no attack on garbage
+    assert len(attacked) == 20 - len(expected)
+    assert r.status["state"] == "complete"
+
+
+def test_thirty_percent_faulty_in_every_way_for_five_rounds(tmp_path):
+    cfg = FaultConfig(crash=0.075, dropout=0.075, nan=0.075, shape=0.075)
+    r = fedsim_run(tmp_path, *BASE, "fl.rounds=5", *(f"faults.{k}=0.075" for k in ("crash", "dropout", "nan", "shape")))
+    expected = expected_faults(cfg, 0, 5, 10)
+    assert Counter((f["round"], f["client"], f["fault"]) for f in r.faults()) == expected
+    assert {k for _, _, k in expected} == {"crash", "dropout", "nan", "shape"}
+    assert r.status["state"] == "complete" and len(r.rounds) == 6
+    assert all(math.isfinite(row["loss"]) and row["accuracy"] > 0 for row in r.rounds)
+
+
+def test_a_round_with_too_few_healthy_replies_is_skipped_with_the_reason(tmp_path):
+    r = fedsim_run(tmp_path, *BASE, "fl.rounds=3", "faults.crash=0.6", "fl.min_clients=6")
+    skipped = [row for row in r.rounds if row.get("skipped")]
+    assert skipped and all("min_clients=6" in row["skipped"] for row in skipped)
+    for row in skipped:   # the global model is unchanged by a skipped round
+        before = next(p for p in r.rounds if p["round"] == row["round"] - 1)
+        assert row["loss"] == before["loss"]
+
+
+def test_a_killed_run_leaves_its_finished_rounds_and_an_incomplete_marker(tmp_path):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "fedsim.cli", *BASE[1:], "fl.rounds=4", "model.widths=[64]", "attack.targets=1",
+           f"hydra.run.dir={out}", "fl.clients=40", "data=patches", "data.per_class=40"]  # ~1 s per round
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        rounds = []
+        while time.time() < deadline:
+            path = out / "rounds.jsonl"
+            rounds = [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
+            if any(r["round"] == 2 for r in rounds):
+                break
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert any(r["round"] == 2 for r in rounds), "the run did not reach round 2 in time"
+    rounds = [json.loads(l) for l in (out / "rounds.jsonl").read_text().splitlines()]
+    results = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]   # every line valid JSON
+    done = max(r["round"] for r in rounds)
+    assert 2 <= done < 4
+    assert {r["round"] for r in results} <= set(range(1, done + 2))
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "running" and status["rounds_done"] == done    # never "complete"
+    from fedsim.results import run_state
+
+    assert run_state(out) == "incomplete"
