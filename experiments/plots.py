@@ -166,10 +166,17 @@ def _strength_axis(ax, values) -> None:
     v = pd.to_numeric(values, errors="coerce").dropna()
     positive = v[v > 0]
     if len(positive) >= 2 and positive.max() / positive.min() >= 20:
+        lowest = float(positive.min())
         if (v <= 0).any():
-            ax.set_xscale("symlog", linthresh=float(positive.min()))
+            ax.set_xscale("symlog", linthresh=lowest)
+            ax.set_xlim(-0.3 * lowest, float(v.max()) * 1.6)
         else:
             ax.set_xscale("log")
+        ticks = sorted(v.unique())
+        if len(ticks) <= 10:  # label the strengths swept, not the axis' own decades
+            ax.set_xticks(ticks)
+            ax.set_xticklabels([f"{t:g}" for t in ticks], fontsize=8)
+            ax.minorticks_off()
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -207,8 +214,9 @@ def privacy_utility(df, path: Path) -> Path | None:
             for defense, group in points.groupby("defense", dropna=False):
                 ax.scatter(group["x"], group["y"], s=30, color=colors.get(defense, "grey"), label=str(defense),
                            zorder=3)
+                graded = group["strength"].nunique() > 1    # label points only where the strength varies
                 for _, p in group.iterrows():
-                    if pd.notna(p["strength"]) and defense != "none":
+                    if graded and pd.notna(p["strength"]):
                         ax.annotate(f"{p['strength']:g}", (p["x"], p["y"]), fontsize=6, xytext=(3, 3),
                                     textcoords="offset points")
             front = pareto_front(list(zip(points["x"], points["y"])))
