@@ -75,15 +75,13 @@ def test_without_arms_the_study_sweeper_is_hydras_cartesian_product():
 
 # --- resuming ----------------------------------------------------------------------------------------------------
 
-def test_an_interrupted_sweep_finishes_only_the_missing_jobs(tmp_path):
-    """Kill a sweep while its second job runs; the same command with the same hydra.sweep.dir skips the first."""
-    sweep = tmp_path / "sweep"
-    args = ("-m", *TINY, "fl.batch_size=1,2,3", f"hydra.sweep.dir={sweep}")
-    proc = subprocess.Popen(fedsim_cmd(*args), cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL,
+def run_until_first_job_completes_then_kill(args, cwd: Path, first_job: Path) -> None:
+    """Start `fedsim ARGS`, wait until `first_job` is complete, then SIGKILL the sweep and all its workers."""
+    proc = subprocess.Popen(fedsim_cmd(*args), cwd=cwd, env=env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 240
-        while status(sweep / "0").get("state") != "complete":
+        while status(first_job).get("state") != "complete":
             assert proc.poll() is None and time.monotonic() < deadline, "the first job did not complete"
             time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGKILL)                         # no chance to write anything more
@@ -91,43 +89,49 @@ def test_an_interrupted_sweep_finishes_only_the_missing_jobs(tmp_path):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    first = status(sweep / "0")
-    unfinished = [n for n in ("1", "2") if status(sweep / n).get("state") != "complete"]
-    assert unfinished, "the sweep finished before it was killed"
+
+
+def test_an_interrupted_study_finishes_only_the_missing_jobs(tmp_path):
+    """A preset sweep in parallel worker processes (joblib), killed once its first job is complete: the same
+    command again runs only the jobs that had not completed, and ends with the study's report."""
+    args = ("-m", "+experiment=one_sample", "fl.batch_size=1,2,4", "fl.rounds=1",
+            "hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
+    folder = tmp_path / "multirun" / "one_sample" / "small"
+    jobs = {b: folder / f"fl.batch_size={b},fl.rounds=1,seed=0" for b in (1, 2, 4)}
+    run_until_first_job_completes_then_kill(args, tmp_path, jobs[1])
+    before = {b: status(j) for b, j in jobs.items()}
+    done = [b for b in jobs if before[b].get("state") == "complete"]
+    assert len(done) < 3, "the sweep finished before it was killed"
 
     from fedsim.report import collect
 
-    labels = {Path(j.name).name: j.status for j in collect(sweep)}
-    assert labels["0"] == "complete" and all(labels.get(n, "incomplete") == "incomplete" for n in unfinished)
+    labels = {job.name.split("/")[-1]: job.status for job in collect(folder)}
+    assert all(labels.get(jobs[b].name, "incomplete") == ("complete" if b in done else "incomplete") for b in jobs)
 
     again = fedsim(*args, cwd=tmp_path)
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert again.stdout.count("already complete; skipped") == 3 - len(unfinished)
-    assert status(sweep / "0")["started_at"] == first["started_at"]       # job 0 did not run again
-    assert all(status(sweep / n)["state"] == "complete" for n in ("0", "1", "2"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("already complete; skipped") == len(done)
+    assert all(status(jobs[b])["started_at"] == before[b]["started_at"] for b in done)   # not run again
+    after = {b: status(j) for b, j in jobs.items()}
+    assert all(s["state"] == "complete" for s in after.values())
+    assert len({s["pid"] for b, s in after.items() if b not in done}) == 3 - len(done)   # parallel workers
+    assert "3 complete" in again.stdout and (folder / "report" / "index.html").exists()
 
 
-def test_a_preset_runs_in_parallel_and_resumes_by_running_the_same_command(tmp_path):
-    """`+experiment=one_sample` with the joblib launcher; then one job marked as killed mid-run: the same command
-    again runs that job only, and the study ends with its report."""
-    small = ("+experiment=one_sample", "fl.batch_size=1,2", "fl.rounds=1")
-    first = fedsim("-m", *small, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", cwd=tmp_path)
+def test_a_plain_sweep_resumes_when_run_again_in_the_same_hydra_sweep_dir(tmp_path):
+    """Hydra's default sweep folder is timestamped: resuming a plain `fedsim -m` means naming its folder."""
+    sweep = tmp_path / "sweep"
+    args = ("-m", *TINY, "fl.batch_size=1,2", f"hydra.sweep.dir={sweep}")
+    first = fedsim(*args, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
-    folder = tmp_path / "multirun" / "one_sample" / "small"
-    jobs = {b: folder / f"fl.batch_size={b},fl.rounds=1,seed=0" for b in (1, 2)}
-    assert all(status(j).get("state") == "complete" for j in jobs.values()), sorted(p.name for p in folder.iterdir())
-    assert status(jobs[1])["pid"] != status(jobs[2])["pid"]        # two worker processes
-    assert (folder / "report" / "index.html").exists()
-    before = {b: status(j)["started_at"] for b, j in jobs.items()}
-
-    killed = status(jobs[2]) | {"state": "running", "pid": DEAD_PID}
-    (jobs[2] / "status.json").write_text(json.dumps(killed))
-    again = fedsim("-m", *small, cwd=tmp_path)
+    started = {n: status(sweep / n)["started_at"] for n in ("0", "1")}
+    killed = status(sweep / "1") | {"state": "running", "pid": DEAD_PID}   # as if killed mid-run
+    (sweep / "1" / "status.json").write_text(json.dumps(killed))
+    again = fedsim(*args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("already complete; skipped") == 1
-    assert status(jobs[1])["started_at"] == before[1]
-    assert status(jobs[2])["started_at"] > before[2] and status(jobs[2])["state"] == "complete"
-    assert "report: " in again.stdout and "2 complete" in again.stdout
+    assert status(sweep / "0")["started_at"] == started["0"]
+    assert status(sweep / "1")["started_at"] > started["1"] and status(sweep / "1")["state"] == "complete"
 
 
 def test_a_finished_job_counts_as_done_only_under_the_same_config(tmp_path):
