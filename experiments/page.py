@@ -42,6 +42,8 @@ details { margin: 0.6em 0; } summary { cursor: pointer; font-weight: 600; }
 .grids { display: flex; flex-wrap: wrap; gap: 0.5em; align-items: flex-start; }
 .grids img { max-width: 100%; border: 1px solid #eee; }
 .error { color: #c62828; font-size: 0.85em; }
+code.cmd { display: block; font-size: 0.8em; color: #333; background: #f7f7f7; padding: 0.3em 0.5em;
+           margin: 0.3em 0; overflow-x: auto; white-space: nowrap; }
 """
 
 
@@ -67,6 +69,10 @@ def render_page(out: Path, *, title: str, root: Path, jobs: list, tidy: Any, run
         "<p class='meta'>Data: <a href='table.csv'>table.csv</a> · <a href='table.parquet'>table.parquet</a> "
         "(tidy, one row per run x round x client x attack) · <a href='runs.csv'>runs.csv</a> (one row per run)</p>",
     ]
+    lines = findings(tidy)
+    if lines:
+        parts.append("<h2>Findings</h2><ul class='findings'>" + "".join(f"<li>{html.escape(x)}</li>" for x in lines)
+                     + "</ul>")
     if plots:
         parts.append("<h2>Plots</h2>")
         for plot in plots:
@@ -89,11 +95,55 @@ def render_page(out: Path, *, title: str, root: Path, jobs: list, tidy: Any, run
             opened = " open" if i < 6 else ""
             images = "".join(f"<img class='grid' src='{src(p)}' alt='{html.escape(p.stem)}'>" for p in grids[job.name])
             parts.append(f"<details{opened}><summary>{html.escape(str(label))} {_badge(job.status, job.status)}"
-                         f"</summary><div class='grids'>{images}</div></details>")
+                         f"</summary>{_command(job)}<div class='grids'>{images}</div></details>")
     parts.append("</body></html>")
     page = out / "index.html"
     page.write_text("\n".join(parts), encoding="utf-8")
     return page
+
+
+def _command(job: Any) -> str:
+    """The command that runs this job alone (its overrides), for a reader who wants to repeat or vary it."""
+    if not job.overrides:
+        return ""
+    args = " ".join(_arg(k, v) for k, v in job.overrides.items())
+    return f"<code class='cmd'>fedsim {html.escape(args)}</code>"
+
+
+def _arg(key: str, value: Any) -> str:
+    text = f"{value:g}" if isinstance(value, float) else str(value).replace(" ", "")
+    prefix = "+" if key in ("experiment", "tracking") else ""
+    return f"{prefix}{key}={text}"
+
+
+def findings(tidy: Any) -> list[str]:
+    """Plain sentences for the top of the page: per attack, its success with no defense, and for each defense
+    whose strength was swept, the exact rate at each strength."""
+    import pandas as pd
+
+    need = {"attack", "defense", "exact", "strength", "run"}
+    if tidy.empty or not need <= set(tidy.columns):
+        return []
+    df = tidy.assign(exact=pd.to_numeric(tidy["exact"], errors="coerce"),
+                     psnr=pd.to_numeric(tidy.get("psnr"), errors="coerce"),
+                     final_accuracy=pd.to_numeric(tidy.get("final_accuracy"), errors="coerce"))
+    out = []
+    for attack, part in df.groupby("attack"):
+        base = part[part["defense"] == "none"]
+        if not base.empty:
+            out.append(f"{attack} with no defense: exact {base['exact'].mean():.0%} of each batch, PSNR "
+                       f"{base['psnr'].mean():.1f} dB, final accuracy {base['final_accuracy'].mean():.1%}.")
+        for defense, runs in part[part["defense"] != "none"].groupby("defense"):
+            by = runs.groupby("strength").agg(exact=("exact", "mean"), acc=("final_accuracy", "mean"))
+            knob = runs["strength_knob"].dropna()
+            if len(by) < 2 or knob.empty:
+                continue
+            knob = knob.iloc[0]
+            rates = ", ".join(f"{value:g}: {row.exact:.0%}" for value, row in by.iterrows())
+            text = (f"{attack} against {defense}, exact rate by {knob}: {rates} (final accuracy "
+                    f"{by['acc'].min():.1%} to {by['acc'].max():.1%}).")
+            out.append(text)
+    return out
 
 
 def _badge(status: str, text: str) -> str:

@@ -83,6 +83,8 @@ def test_the_report_has_plots_grids_and_one_page_linking_them(report):
     assert all(f"src='{g.relative_to(report.directory).as_posix()}'" in page for g in grids)
     for status in ("complete", "invalid"):
         assert f">{status}</span>" in page
+    assert "analytic with no defense: exact" in page                   # findings in words
+    assert "<code class='cmd'>fedsim attack=analytic data=digits model.widths=[32]" in page  # repeat one run
     assert "<script" not in page and "http" not in page                 # static, nothing fetched
 
 
