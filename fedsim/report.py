@@ -219,7 +219,7 @@ def tidy_table(jobs: list[Job]):
             for key, value in round_row.items():
                 if key not in ROUND_FIXED and key not in ("accuracy", "loss") and not isinstance(value, (dict, list)):
                     row.setdefault(key, value)
-            row["final_accuracy"] = final.get("accuracy")
+            row["final_accuracy"] = final_accuracy(final)
             rows.append(row)
     df = pd.DataFrame(rows)
     df = _with_strength(df)
@@ -237,6 +237,13 @@ def jobs_override_keys(jobs: list[Job]) -> list[str]:
 def _final_round(job: Job) -> dict:
     done = [r for r in job.rounds if r.get("round", 0) > 0 and r.get("accuracy") is not None]
     return done[-1] if done else {}
+
+
+def final_accuracy(last_round: dict) -> float | None:
+    """The utility of a run: its last round's test accuracy, as the clients get it where that differs from the
+    server's (key-lock: clients evaluate with their private keys, `client_accuracy`)."""
+    value = last_round.get("client_accuracy")
+    return value if isinstance(value, (int, float)) else last_round.get("accuracy")
 
 
 def _with_strength(df):
@@ -306,7 +313,7 @@ def runs_table(jobs: list[Job], tidy=None):
     for job in jobs:
         row = {"run": job.name, "status": job.status, "label": job_label(job, keys), **job.overrides,
                "rounds_done": job.state.get("rounds_done"), "rounds_total": job.state.get("rounds_total"),
-               "final_accuracy": _final_round(job).get("accuracy"),
+               "final_accuracy": final_accuracy(_final_round(job)),
                "faults": sum(1 for r in job.results if r.get("kind") == "fault")}
         part = tidy[tidy["run"] == job.name] if "run" in tidy.columns else tidy.iloc[0:0]
         for metric in ("exact", "psnr", "ssim", "label_acc", "seconds"):
