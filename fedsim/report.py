@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,8 @@ from typing import Any
 
 import yaml
 
-from fedsim.results import CONFIG_FILE, GRID_DIR, RESULTS_FILE, ROUNDS_FILE, STATUS_FILE, read_jsonl, read_status
+from fedsim.results import (CONFIG_FILE, GRID_DIR, RESULTS_FILE, ROUNDS_FILE, STATUS_FILE, read_jsonl,
+                            read_status, run_state)
 
 REPORT_DIR = "report"
 STATUSES = ("complete", "running", "incomplete", "failed", "invalid")
@@ -87,32 +87,11 @@ def _natural_key(path: Path) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
 
 
-def status_label(state: dict, *, host: str | None = None) -> str:
-    """complete / running / incomplete / failed / invalid, from a run's status.json (empty: never started)."""
-    kind = state.get("state")
-    if kind in ("complete", "failed", "invalid"):
-        return kind
-    if kind == "running":
-        same_host = state.get("host") in (None, host or socket.gethostname())
-        if same_host and _alive(state.get("pid")):
-            return "running"
-        return "incomplete" if same_host else "running"
-    return "incomplete"  # interrupted, or no status: the job died before its run started
-
-
-def _alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (killed, not yet reaped by its parent) still answers kill(pid, 0)
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return True
+def status_label(directory: Path) -> str:
+    """complete / running / incomplete / failed / invalid (`fedsim.results.run_state`, with a run that was
+    interrupted or never started counted as incomplete)."""
+    state = run_state(directory)
+    return "incomplete" if state in ("interrupted", "missing") else state
 
 
 def parse_overrides(lines: list[str]) -> dict[str, Any]:
@@ -154,7 +133,7 @@ def read_job(directory: Path, root: Path) -> Job:
     except yaml.YAMLError:
         config = {}
     name = directory.relative_to(root).as_posix() if directory != root else directory.name
-    return Job(directory, name, status_label(state), overrides, config, state,
+    return Job(directory, name, status_label(directory), overrides, config, state,
                read_jsonl(directory / RESULTS_FILE), read_jsonl(directory / ROUNDS_FILE))
 
 

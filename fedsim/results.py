@@ -123,14 +123,23 @@ def run_state(directory: str | os.PathLike) -> str:
         return "missing"
     if state != "running":
         return state
-    pid = status.get("pid")
+    return "running" if process_alive(status.get("pid"), status.get("host")) else "incomplete"
+
+
+def process_alive(pid: Any, host: str | None = None) -> bool:
+    """Whether the run's process still runs. On another machine (`host`) it cannot be told: taken as alive."""
+    if host is not None and host != socket.gethostname():
+        return True
     try:
         os.kill(int(pid), 0)
-    except (TypeError, ValueError, ProcessLookupError):
-        return "incomplete"
+    except (TypeError, ValueError, ProcessLookupError, OverflowError):
+        return False
     except PermissionError:  # alive, owned by someone else
-        pass
-    return "running"
+        return True
+    try:  # a zombie (killed, not yet reaped by its parent) still answers kill(pid, 0)
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return True
 
 
 def save_grid(path: str | os.PathLike, originals: torch.Tensor, reconstructions: torch.Tensor | None,
