@@ -95,7 +95,7 @@ def test_an_interrupted_study_finishes_only_the_missing_jobs(tmp_path):
     """A preset sweep in parallel worker processes (joblib), killed once its first job is complete: the same
     command again runs only the jobs that had not completed, and ends with the study's report."""
     args = ("-m", "+experiment=one_sample", "fl.batch_size=1,2,4", "fl.rounds=1",
-            "hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
+            "hydra/launcher=parallel")
     folder = tmp_path / "multirun" / "one_sample" / "small"
     jobs = {b: folder / f"fl.batch_size={b},fl.rounds=1,seed=0" for b in (1, 2, 4)}
     run_until_first_job_completes_then_kill(args, tmp_path, jobs[1])
