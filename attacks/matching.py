@@ -47,12 +47,12 @@ def cosine_distance(candidate: Mapping[str, Tensor], target: Mapping[str, Tensor
     """
     dot = norm_c = norm_t = 0.0
     for name, t in target.items():
-        c = candidate[name]
-        if mask is not None:
-            c = c * mask[name]
-        dot = dot + (c * t).sum()
-        norm_c = norm_c + c.pow(2).sum()
-        norm_t = norm_t + t.pow(2).sum()
+        c = _flat(candidate[name], mask, name)
+        t = t.reshape(-1)
+        # dot products of flat views: no temporaries of the gradient's size (this runs every attack iteration)
+        dot = dot + torch.dot(c, t)
+        norm_c = norm_c + torch.dot(c, c)
+        norm_t = norm_t + torch.dot(t, t)
     return 1.0 - dot / (torch.sqrt(norm_c) * torch.sqrt(torch.as_tensor(norm_t)) + 1e-12)
 
 
@@ -61,11 +61,13 @@ def euclidean_distance(candidate: Mapping[str, Tensor], target: Mapping[str, Ten
     """Sum over layers of the squared L2 distance (DLG)."""
     total = 0.0
     for name, t in target.items():
-        c = candidate[name]
-        if mask is not None:
-            c = c * mask[name]
-        total = total + (c - t).pow(2).sum()
+        diff = _flat(candidate[name], mask, name) - t.reshape(-1)
+        total = total + torch.dot(diff, diff)
     return total
+
+
+def _flat(c: Tensor, mask: Mapping[str, Tensor] | None, name: str) -> Tensor:
+    return (c if mask is None else c * mask[name]).reshape(-1)
 
 
 def total_variation(x: Tensor) -> Tensor:
