@@ -75,30 +75,36 @@ def test_without_arms_the_study_sweeper_is_hydras_cartesian_product():
 
 # --- resuming ----------------------------------------------------------------------------------------------------
 
-def run_until_first_job_completes_then_kill(args, cwd: Path, first_job: Path) -> None:
-    """Start `fedsim ARGS`, wait until `first_job` is complete, then SIGKILL the sweep and all its workers."""
+def run_until_a_job_completes_then_kill(args, cwd: Path, jobs: list[Path]) -> None:
+    """Start `fedsim ARGS`, wait until one of `jobs` is complete, then SIGKILL the sweep and all its workers."""
     proc = subprocess.Popen(fedsim_cmd(*args), cwd=cwd, env=env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 240
-        while status(first_job).get("state") != "complete":
-            assert proc.poll() is None and time.monotonic() < deadline, "the first job did not complete"
+        while not any(status(job).get("state") == "complete" for job in jobs):
+            assert proc.poll() is None and time.monotonic() < deadline, "no job completed"
             time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGKILL)                         # no chance to write anything more
         proc.wait(timeout=30)
+        from fedsim.results import process_alive
+
+        workers = {status(job).get("pid") for job in jobs} - {None}
+        while any(process_alive(pid) for pid in workers):        # SIGKILL lands within moments, not at once
+            assert time.monotonic() < deadline + 30, "a killed worker is still alive"
+            time.sleep(0.05)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_an_interrupted_study_finishes_only_the_missing_jobs(tmp_path):
-    """A preset sweep in parallel worker processes (joblib), killed once its first job is complete: the same
+    """A preset sweep in parallel worker processes (joblib), killed once a job is complete: the same
     command again runs only the jobs that had not completed, and ends with the study's report."""
     args = ("-m", "+experiment=one_sample", "fl.batch_size=1,2,4", "fl.rounds=1",
             "hydra/launcher=parallel")
     folder = tmp_path / "multirun" / "one_sample" / "small"
     jobs = {b: folder / f"fl.batch_size={b},fl.rounds=1,seed=0" for b in (1, 2, 4)}
-    run_until_first_job_completes_then_kill(args, tmp_path, jobs[1])
+    run_until_a_job_completes_then_kill(args, tmp_path, list(jobs.values()))
     before = {b: status(j) for b, j in jobs.items()}
     done = [b for b in jobs if before[b].get("state") == "complete"]
     assert len(done) < 3, "the sweep finished before it was killed"
@@ -106,7 +112,8 @@ def test_an_interrupted_study_finishes_only_the_missing_jobs(tmp_path):
     from fedsim.report import collect
 
     labels = {job.name.split("/")[-1]: job.status for job in collect(folder)}
-    assert all(labels.get(jobs[b].name, "incomplete") == ("complete" if b in done else "incomplete") for b in jobs)
+    expected = {jobs[b].name: "complete" if b in done else "incomplete" for b in jobs}
+    assert {name: labels.get(name, "incomplete") for name in expected} == expected, before
 
     again = fedsim(*args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
