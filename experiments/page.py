@@ -143,6 +143,11 @@ def findings(tidy: Any) -> list[str]:
             text = (f"{attack} against {defense}, exact rate by {knob}: {rates} (final accuracy "
                     f"{by['acc'].min():.1%} to {by['acc'].max():.1%}).")
             out.append(text)
+    refused = tidy[tidy["status"] == "invalid"] if "status" in tidy.columns else tidy.iloc[0:0]
+    for _, run in refused.drop_duplicates("run").iterrows():
+        error = run.get("error")
+        if isinstance(error, str) and error:
+            out.append(f"{run['label']}: not run, the configuration was refused: {error}")
     return out
 
 
