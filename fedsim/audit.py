@@ -6,8 +6,9 @@ the inputs of every top-level module called in training mode, and the targets of
 (functional or module). The samples seen (deduplicated) travel in an audit record that the hook strips before
 aggregation and never shows to an attack.
 
-Outside a simulation (a real SuperNode) the mod refuses: it sends nothing and warns once, unless built with
-`make_audit_mod(force=True)`.
+Outside a simulation (a real SuperNode) the mod refuses: it sends nothing and warns once, unless the SuperNode's
+operator consents (`flower-supernode --node-config "... fedsim-audit=true"`) or it is built with
+`make_audit_mod(force=True)`. A server's request alone never makes a real SuperNode send its data.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from fedsim.hook import AUDIT_KEY, audit_record
 
 log = logging.getLogger("fedsim")
 
+CONSENT_KEY = "fedsim-audit"  # node config: this node's operator lets its true batches go to the scorer
 _LOSSES = {F.cross_entropy: 1, F.nll_loss: 1}  # functional losses -> position of the target argument
 _warned = False
 
@@ -43,6 +45,13 @@ def in_simulation() -> bool:
         return bool(ray is not None and ray.is_initialized() and ray.get_runtime_context().get_actor_id())
     except Exception:
         return False
+
+
+def may_audit(context: Context) -> bool:
+    """Whether this node may send its true batch to the scorer: it is simulated (its data belongs to whoever runs
+    the simulation), or its operator said so in its node config (`fedsim-audit=true`)."""
+    value = context.node_config.get(CONSENT_KEY, False)
+    return value is True or str(value).lower() == "true" or in_simulation()
 
 
 class BatchCapture(TorchFunctionMode):
@@ -110,10 +119,10 @@ def make_audit_mod(force: bool = False) -> Callable[[Message, Context, ClientApp
         global _warned
         if msg.metadata.message_type != MessageType.TRAIN:
             return call_next(msg, context)
-        if not (force or in_simulation()):
+        if not (force or may_audit(context)):
             if not _warned:
-                log.warning("fedsim audit mod: not a simulation, so no ground truth is sent "
-                            "(make_audit_mod(force=True) overrides this)")
+                log.warning("fedsim audit mod: not a simulation, so no ground truth is sent (the SuperNode's "
+                            "--node-config 'fedsim-audit=true' or make_audit_mod(force=True) overrides this)")
                 _warned = True
             return call_next(msg, context)
         with BatchCapture() as capture:

@@ -7,8 +7,9 @@ at call time. The same app runs in-process, on Ray's simulation engine and on re
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Any
 
 import torch
@@ -18,18 +19,20 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 
 from defenses.base import Defense, DefenseContext, build_defense
+from fedsim.arrays import to_state_dict
+from fedsim.audit import may_audit
 from fedsim.config import FLConfig, RunConfig, validate
 from fedsim.faults import InjectedCrash, corrupt, draw_fault
 from fedsim.hook import AUDIT_KEY, CLIENT_KEY, audit_record
 from fedsim.training import local_update, seed_for, single_thread
 
 CONFIG_KEY = "fedsim.config"   # in the train ConfigRecord: the run's config as YAML
-AUDIT_FLAG = "fedsim.audit"    # in the train ConfigRecord: send the batch to the scorer (simulation only)
+AUDIT_FLAG = "fedsim.audit"    # in the train ConfigRecord: the server asks for the batch (for the scorer)
 
 
 @dataclass(frozen=True)
 class ClientPlan:
-    """The part of the run's configuration a client acts on."""
+    """The part of the run's configuration a client acts on, with what it needs built once per process."""
 
     run: RunConfig
     defense: Defense
@@ -37,6 +40,38 @@ class ClientPlan:
     @property
     def fl(self) -> FLConfig:
         return self.run.fl
+
+    def data(self, pid: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        """(dataset bundle, inputs, labels) of partition `pid`."""
+        bundle, parts = self._partitions
+        return bundle, bundle.train_x[parts[pid]], bundle.train_y[parts[pid]]
+
+    def model(self) -> torch.nn.Module:
+        """The model to load the server's weights into. One object serves every message of this process: the
+        server's state dict sets all of its state (a model with state outside its state dict gets a fresh copy)."""
+        return self._model if self._model_is_reusable else copy.deepcopy(self._model)
+
+    # Built on first use and kept: a process running many clients (inline, a Ray actor) pays for them once.
+    @cached_property
+    def _partitions(self) -> tuple[Any, list[torch.Tensor]]:
+        from fedsim.data import load_dataset
+        from fedsim.data.partition import partition
+
+        bundle = load_dataset(self.run.data)
+        parts = partition(bundle.train_y, self.fl.clients, self.run.partition, self.run.seed)
+        return bundle, [torch.as_tensor(p) for p in parts]
+
+    @cached_property
+    def _model(self) -> torch.nn.Module:
+        from fedsim.models import build_model
+
+        bundle = self._partitions[0]
+        return build_model(self.run.model, bundle.input_shape, bundle.num_classes, self.run.seed)
+
+    @cached_property
+    def _model_is_reusable(self) -> bool:
+        persistent = set(self._model.state_dict())
+        return all(name in persistent for name, _ in self._model.named_buffers())
 
 
 @lru_cache(maxsize=4)
@@ -54,17 +89,6 @@ def partition_id(context: Context) -> int:
         raise KeyError("this SuperNode has no partition-id in its node config (start it with "
                        "--node-config 'partition-id=N num-partitions=M')")
     return int(context.node_config["partition-id"])
-
-
-@lru_cache(maxsize=4)
-def _client_data(data_key: str, clients: int, partition_key: Any, seed: int, pid: int):
-    from fedsim.data import load_dataset
-    from fedsim.data.partition import partition
-
-    data = yaml.safe_load(data_key)
-    bundle = load_dataset(data)
-    idx = torch.as_tensor(partition(bundle.train_y, clients, partition_key, seed)[pid])
-    return bundle, bundle.train_x[idx], bundle.train_y[idx]
 
 
 # --- mods --------------------------------------------------------------------------------------------------------
@@ -93,14 +117,14 @@ def defense_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
     defense = plan.defense
     if type(defense).transform is Defense.transform:  # identity: leave the reply bit for bit as it is
         return call_next(msg, context)
-    incoming = {k: v.clone() for k, v in msg.content["arrays"].to_torch_state_dict().items()}
+    incoming = to_state_dict(msg.content["arrays"])
     out = call_next(msg, context)
     if out.has_error():
         return out
     info = out.content[CLIENT_KEY]
     buffers = set(info.get("buffers", []) or [])
     pid, server_round = int(info["partition-id"]), int(msg.content["config"]["server-round"])
-    sent = out.content["arrays"].to_torch_state_dict()
+    sent = to_state_dict(out.content["arrays"])
     fedsgd = plan.fl.mode == "fedsgd"
     update = {k: (v if fedsgd else v - incoming[k]) for k, v in sent.items() if k not in buffers}
     num_examples = int(out.content["metrics"]["num-examples"])
@@ -118,8 +142,12 @@ app = ClientApp(mods=[fault_mod, defense_mod])
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Tell the server which partition this node holds (node ids are random per run; partition ids are not)."""
-    return Message(RecordDict({CLIENT_KEY: ConfigRecord({"partition-id": partition_id(context)})}), reply_to=msg)
+    """Tell the server which partition this node holds (node ids are random per run; partition ids are not), and
+    of how many (a SuperNode's operator states both)."""
+    info = {"partition-id": partition_id(context)}
+    if "num-partitions" in context.node_config:
+        info["num-partitions"] = int(context.node_config["num-partitions"])
+    return Message(RecordDict({CLIENT_KEY: ConfigRecord(info)}), reply_to=msg)
 
 
 @app.train()
@@ -128,14 +156,11 @@ def train(msg: Message, context: Context) -> Message:
     run, fl = plan.run, plan.fl
     pid = partition_id(context)
     server_round = int(msg.content["config"]["server-round"])
-    bundle, x, y = _client_data(yaml.safe_dump(run.data), fl.clients, run.partition, run.seed, pid)
-
-    from fedsim.models import build_model
-
-    model = build_model(run.model, bundle.input_shape, bundle.num_classes, run.seed)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    _, x, y = plan.data(pid)
+    model = plan.model()
     gen = torch.Generator().manual_seed(seed_for(run.seed, server_round, pid))
-    with single_thread():
+    with single_thread():  # loading too: torch splits a 64k-element copy across threads, slow on a busy machine
+        model.load_state_dict(to_state_dict(msg.content["arrays"]))
         result = local_update(model, x, y, mode=fl.mode, batch_size=fl.batch_size, local_steps=fl.local_steps,
                               lr=fl.lr, gen=gen)
     content = RecordDict({
@@ -143,6 +168,7 @@ def train(msg: Message, context: Context) -> Message:
         "metrics": MetricRecord({"num-examples": result.num_examples, "train_loss": result.loss}),
         CLIENT_KEY: ConfigRecord({"partition-id": pid, "buffers": result.buffers}),
     })
-    if bool(msg.content["config"].get(AUDIT_FLAG, False)):
+    # the server asks, and the node agrees (simulated, or its operator opted in): never the server's say-so alone
+    if bool(msg.content["config"].get(AUDIT_FLAG, False)) and may_audit(context):
         content[AUDIT_KEY] = audit_record(x[result.used], y[result.used])
     return Message(content, reply_to=msg)

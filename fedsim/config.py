@@ -262,7 +262,7 @@ def validate(cfg: Any, *, deep: bool = True) -> RunConfig:
         seed=seed, fl=fl, partition=partition_config(raw.get("partition")),
         threat=build_config(ThreatConfig, raw.get("threat"), "threat"), targets=targets,
         output=build_config(OutputConfig, raw.get("output"), "output"), faults=fault_config(raw.get("faults")),
-        audit=_coerce("audit", raw.get("audit", True), bool), verbose=_coerce("verbose", raw.get("verbose", False), bool),
+        audit=_audit(raw), verbose=_coerce("verbose", raw.get("verbose", False), bool),
         data=dict(raw.get("data") or {}), model=dict(raw.get("model") or {}), attack=attack_node,
         defense=dict(raw.get("defense") or {"name": "none"}), runtime=dict(raw.get("runtime") or {"name": "inline"}),
         raw=dict(raw),
@@ -275,6 +275,17 @@ def validate(cfg: Any, *, deep: bool = True) -> RunConfig:
     if deep:
         _deep_checks(run, attack)
     return run
+
+
+def _audit(raw: Mapping[str, Any]) -> bool:
+    """`audit: null` means the runtime's default: on in simulation, off on a real federation (deployment)."""
+    from fedsim.runtime import RUNTIMES
+
+    value = _coerce("audit", raw.get("audit"), bool | None)
+    if value is not None:
+        return value
+    name = dict(raw.get("runtime") or {}).get("name", "inline")
+    return RUNTIMES.get(name, key="runtime.name").simulated if name in RUNTIMES else True
 
 
 def _check_targets(targets: Any, clients: int) -> None:

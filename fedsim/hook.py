@@ -25,6 +25,7 @@ from flwr.serverapp.strategy import Strategy
 from torch import Tensor, nn
 
 from attacks.base import Attack
+from fedsim.arrays import to_numpy
 from fedsim.threat import Normalization, Observation, Reconstruction, TrainMeta
 
 log = logging.getLogger("fedsim")
@@ -377,7 +378,7 @@ def _check_arrays(reply: Message, key: str, global_state: Mapping[str, Tensor] |
     if arrays is None:
         return "shape", f"no ArrayRecord '{key}' in the reply"
     for name, array in arrays.items():
-        nd = array.numpy()
+        nd = to_numpy(array)
         if global_state is not None:
             expected = global_state.get(name)
             if expected is None:

@@ -3,8 +3,9 @@
 - `inline`: one process, clients called in turn through an in-memory Grid (no Ray): fast start, for tests,
   laptops and the demo.
 - `ray`: Flower's Simulation Engine (`flwr.simulation.run_simulation`), clients in Ray actors.
+- `deployment`: Flower's Deployment Engine, `flwr run` against a SuperLink with SuperNodes (`fedsim.deployment`).
 
-Both pass the run's configuration to the ServerApp through its run config, exactly as `flwr run` does.
+All pass the run's configuration to the ServerApp through its run config, exactly as `flwr run` does.
 """
 
 from __future__ import annotations
@@ -39,14 +40,15 @@ INLINE_ACTIVE = False  # True while an in-process (inline) federation runs: it i
 class RuntimeSpec:
     Config: type
     launch: Callable[..., None]
+    simulated: bool = True     # clients are virtual nodes this process creates (the default of `audit`)
 
 
 RUNTIMES: Registry[RuntimeSpec] = Registry("runtime")
 
 
-def register_runtime(name: str, config: type):
+def register_runtime(name: str, config: type, *, simulated: bool = True):
     def decorator(fn):
-        RUNTIMES.register(name)(RuntimeSpec(config, fn))
+        RUNTIMES.register(name)(RuntimeSpec(config, fn, simulated))
         return fn
 
     return decorator
@@ -177,16 +179,19 @@ class RayConfig:
     client_cpus: float = knob(1.0, gt=0.0, help="CPUs reserved per client actor (actors = cpus / client_cpus)")
     client_gpus: float = knob(0.0, ge=0.0, help="GPUs per client actor (fractions share a GPU)")
     cpus: int | None = knob(None, ge=1, help="CPUs Ray may use (None: all of this machine's)")
-    object_store_mb: int = knob(256, ge=64, help="Ray object store size in MiB")
+    object_store_mb: int = knob(256, ge=80, help="Ray object store size in MiB (Ray's minimum is 75)")
     log_level: str = knob("ERROR", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="Ray's own log level")
+    pull_interval: float = knob(0.01, gt=0.0, help="seconds between the server's polls for replies (Flower: 0.1)")
 
 
 @register_runtime("ray", RayConfig)
 def launch_ray(config: RayConfig, server_app: ServerApp, client_app: ClientApp, run_config: dict,
                clients: int) -> None:
-    from flwr.simulation import run_simulation
+    if logging.getLogger("flwr").level > logging.INFO:  # not verbose: no database-migration chatter (logged on
+        logging.getLogger("alembic").setLevel(logging.WARNING)  # import), no deprecation notice
+        logging.getLogger("flwr").addFilter(_NotDeprecatedRunSimulation())
 
-    from fedsim.server_app import with_run_config
+    from flwr.simulation import run_simulation
 
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
@@ -201,6 +206,37 @@ def launch_ray(config: RayConfig, server_app: ServerApp, client_app: ClientApp, 
                       "include_dashboard": False, "object_store_memory": config.object_store_mb * 2**20},
     }
     started = time.perf_counter()
-    run_simulation(server_app=with_run_config(server_app, run_config), client_app=client_app,
+    run_simulation(server_app=_on_ray(server_app, run_config, config.pull_interval),
+                   client_app=client_app,
                    num_supernodes=clients, backend_config=backend_config)
     log.debug("ray simulation finished in %.1f s", time.perf_counter() - started)
+
+
+class _NotDeprecatedRunSimulation(logging.Filter):
+    """Drops Flower's notice that `run_simulation` is deprecated, printed on every run: from Python it is still
+    the only entry to the Simulation Engine in flwr 1.41 (`flwr run` is what runtime=deployment uses)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`run_simulation` function is deprecated" not in record.getMessage()
+
+
+def _on_ray(server_app: ServerApp, run_config: dict, pull_interval: float) -> ServerApp:
+    """`server_app` with the run config, polling Flower's in-memory Grid for replies every `pull_interval` s.
+
+    Flower's default (0.1 s) rounds every round up to a tenth of a second, which is most of a small round.
+    """
+    from fedsim.server_app import with_run_config
+
+    inner = with_run_config(server_app, run_config)
+    wrapper = ServerApp()
+
+    @wrapper.main()
+    def _main(grid: Grid, context: Context) -> None:
+        if hasattr(grid, "pull_interval"):
+            grid.pull_interval = pull_interval
+        inner(grid, context)
+
+    return wrapper
+
+
+import fedsim.deployment  # noqa: E402,F401  (registers runtime=deployment)

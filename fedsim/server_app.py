@@ -38,9 +38,12 @@ def main(grid: Grid, context: Context) -> None:
     if not config_yaml:
         raise FedsimError(f"run config '{RUN_CONFIG_KEY}' is empty: start runs with the fedsim CLI "
                           "(fedsim runtime=deployment ...), which passes the composed configuration")
+    from fedsim.runtime import quiet_flower
+
     output = str(context.run_config.get(OUTPUT_KEY, "") or "outputs/flwr-run")
-    run_federation(grid, validate(yaml.safe_load(config_yaml)), output,
-                   show_progress=bool(context.run_config.get("fedsim-progress", True)))
+    run = validate(yaml.safe_load(config_yaml))
+    quiet_flower(run.verbose)  # under flwr run this is a process of its own
+    run_federation(grid, run, output, show_progress=bool(context.run_config.get("fedsim-progress", True)))
 
 
 def with_run_config(server_app: ServerApp, run_config: Mapping[str, Any]) -> ServerApp:
@@ -76,7 +79,11 @@ def discover_partitions(grid: Grid, nodes: list[int], clients: int, timeout: flo
         if reply.has_error():
             raise FedsimError(f"node {reply.metadata.src_node_id} failed to report its partition: "
                               f"{reply.error.reason[:200]}")
-        partition_of[reply.metadata.src_node_id] = int(reply.content[CLIENT_KEY]["partition-id"])
+        info = reply.content[CLIENT_KEY]
+        partition_of[reply.metadata.src_node_id] = int(info["partition-id"])
+        if int(info.get("num-partitions", clients)) != clients:  # its data would be a slice of another split
+            raise FedsimError(f"node {reply.metadata.src_node_id} holds partition {info['partition-id']} of "
+                              f"{info['num-partitions']}, but the run splits the data into fl.clients={clients}")
     found = sorted(partition_of.values())
     if found != list(range(clients)):
         raise FedsimError(f"expected one client per partition 0..{clients - 1}, the nodes reported {found}")

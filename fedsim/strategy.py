@@ -12,10 +12,11 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fedsim.arrays import to_numpy, to_state_dict
 from fedsim.hook import CLIENT_KEY
 
 
@@ -24,6 +25,23 @@ def partition_of_reply(reply: Message, partition_of: Mapping[int, int]) -> int:
     if record is not None and "partition-id" in record:
         return int(record["partition-id"])
     return partition_of.get(reply.metadata.src_node_id, 1 << 62)
+
+
+def weighted_mean(contents: list[RecordDict], weight_key: str) -> ArrayRecord:
+    """FedAvg's average: Flower's `aggregate_arrayrecords`, the same numpy arithmetic in the same order (so the
+    same bits), reading the arrays with `fedsim.arrays`."""
+    weights = [next(iter(c.metric_records.values()))[weight_key] for c in contents]
+    total = sum(weights)
+    mean: dict[str, np.ndarray] = {}
+    for content, weight in zip(contents, weights):
+        factor = weight / total
+        for record in content.array_records.values():
+            for name, array in record.items():
+                if name not in mean:
+                    mean[name] = to_numpy(array) * factor
+                else:
+                    mean[name] += to_numpy(array) * factor
+    return ArrayRecord({name: Array(np.asarray(value)) for name, value in mean.items()})
 
 
 class FedsimStrategy(FedAvg):
@@ -65,9 +83,13 @@ class FedsimStrategy(FedAvg):
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = sorted(replies, key=lambda r: partition_of_reply(r, self.partition_of))
         global_state = self._global.pop(server_round, None)
-        if self.mode == "fedavg":
-            return super().aggregate_train(server_round, replies)
         valid, _ = self._check_and_log_replies(replies, is_train=True)
+        if self.mode == "fedavg":
+            if not valid:
+                return None, None
+            contents = [m.content for m in valid]
+            return weighted_mean(contents, self.weighted_by_key), self.train_metrics_aggr_fn(
+                contents, self.weighted_by_key)
         if not valid or global_state is None:
             return None, None
         return self._sgd_step(valid, global_state), self.train_metrics_aggr_fn(
@@ -77,7 +99,7 @@ class FedsimStrategy(FedAvg):
         """global - lr * (weighted mean gradient) for parameters; weighted mean for buffers the clients sent."""
         weights = [float(next(iter(r.content.metric_records.values()))[self.weighted_by_key]) for r in replies]
         total = sum(weights)
-        states = [r.content[self.arrayrecord_key].to_torch_state_dict() for r in replies]
+        states = [to_state_dict(r.content[self.arrayrecord_key]) for r in replies]
         buffers = set()
         for r in replies:
             info = r.content.config_records.get(CLIENT_KEY)

@@ -46,7 +46,7 @@ def build_model(node: Any, input_shape: tuple[int, ...], num_classes: int, seed:
     """The model a `model` config node describes, initialised from `seed` (global RNG untouched)."""
     name, config = model_config(node)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # the CPU generator only: torch.manual_seed also queues GPU seeding
         return MODELS.get(name).build(config, tuple(input_shape), num_classes)
 
 

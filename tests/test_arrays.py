@@ -1,0 +1,43 @@
+"""fedsim.arrays reads Flower's arrays to the same values as Flower, and FedAvg's mean keeps Flower's bits."""
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+from fedsim.arrays import to_numpy, to_state_dict
+from fedsim.strategy import weighted_mean
+
+
+@pytest.mark.parametrize("value", [
+    np.arange(12, dtype=np.float32).reshape(3, 4),
+    np.asfortranarray(np.random.default_rng(0).normal(size=(5, 3))),
+    np.array(7, dtype=np.int64),
+    np.zeros((0, 4), dtype=np.float16),
+    np.array([True, False]),
+    np.arange(6, dtype=">i4").reshape(2, 3),
+])
+def test_arrays_read_to_numpys_values_and_are_writable(value):
+    array = Array(value)
+    ours, flowers = to_numpy(array), array.numpy()
+    assert ours.dtype == flowers.dtype and ours.shape == flowers.shape and np.array_equal(ours, flowers)
+    if ours.size:
+        ours.flat[0] = 1 - ours.flat[0]      # writable, and a copy: the message's bytes are untouched
+    assert np.array_equal(array.numpy(), value)
+
+
+def test_state_dicts_match_flowers():
+    state = {"w": torch.randn(4, 3), "b": torch.randn(4), "n": torch.tensor(3)}
+    record = ArrayRecord(state)
+    ours, flowers = to_state_dict(record), record.to_torch_state_dict()
+    assert list(ours) == list(flowers) and all(torch.equal(ours[k], flowers[k]) for k in ours)
+
+
+def test_fedavg_weighted_mean_is_flowers_to_the_bit():
+    gen = torch.Generator().manual_seed(0)
+    contents = [RecordDict({"arrays": ArrayRecord({"w": torch.randn(8, 5, generator=gen),
+                                                   "b": torch.randn(8, generator=gen)}),
+                            "metrics": MetricRecord({"num-examples": n})}) for n in (3, 7, 32, 1)]
+    ours, flowers = weighted_mean(contents, "num-examples"), aggregate_arrayrecords(contents, "num-examples")
+    assert all(ours[k].data == flowers[k].data for k in ("w", "b"))

@@ -1,0 +1,246 @@
+"""SPEAR: exact batch recovery from a Linear+ReLU gradient, its certificate, and its refusals.
+
+Gradients come from real autograd of the mean cross-entropy on real batches (`digits`, natural-image `patches`);
+recovery is judged per sample after a Hungarian matching (the batch order is not recoverable).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from torch import nn
+
+from attacks.base import build_attack
+from attacks.spear import Spear, certify, first_linear_relu, prepare, reconstruct
+from fedsim.data import load_dataset
+from fedsim.errors import AttackNotApplicable
+from fedsim.models import build_model
+from fedsim.threat import Observation, TrainMeta
+
+DATA = {"digits": {"name": "digits"}, "patches": {"name": "patches", "size": 16, "channels": 3}}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Batched small solves gain nothing from intra-op threads, and on a shared CPU extra threads thrash."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def draw_batch(data, b: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """b distinct samples with linearly independent inputs (identical crops cannot be told apart by any attack)."""
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        idx = torch.randperm(len(data.train_x), generator=gen)[:b]
+        x = data.train_x[idx]
+        s = torch.linalg.svdvals(x.flatten(1).double())
+        if s[-1] > 1e-6 * s[0]:
+            return x, data.train_y[idx]
+
+
+def client_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The FedSGD update: gradient of the mean cross-entropy over the batch, by autograd, float32."""
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    return {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+
+
+def fc_case(dataset: str, width: int, b: int, seed: int = 0):
+    data = load_dataset(DATA[dataset])
+    model = build_model({"name": "fc", "widths": [width]}, data.input_shape, data.num_classes, seed=seed)
+    x, y = draw_batch(data, b, seed)
+    return data, model, x, y, client_gradient(model, x, y)
+
+
+def matched_errors(recovered: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """Relative L2 error of each true sample to its recovered one, under the best one-to-one matching."""
+    rec, true = recovered.double().flatten(1), truth.double().flatten(1)
+    cost = torch.cdist(true, rec) / true.norm(dim=1, keepdim=True)
+    rows, cols = linear_sum_assignment(cost.numpy())
+    return cost[rows, cols]
+
+
+# --- exact recovery ----------------------------------------------------------------------------------------------------
+
+RECOVERY = [(d, w, b) for d in ("digits", "patches") for w in (200, 1000) for b in (1, 2, 4, 8, 16)]
+
+
+@pytest.mark.parametrize("dataset,width,b", [
+    # Digits through 200 units: correlated inputs leave ~40% zeros per column, ~10-100x more samples at b=16.
+    pytest.param(*case, marks=pytest.mark.slow) if case == ("digits", 200, 16) else case for case in RECOVERY])
+def test_spear_recovers_the_batch_exactly_and_certifies_it(dataset, width, b):
+    _, model, x, _, grads = fc_case(dataset, width, b)
+    layer = model.net[1]
+    result = reconstruct(layer.weight, layer.bias, grads["net.1.weight"], grads["net.1.bias"], b, seed=0)
+    assert result.certified
+    assert result.inputs.shape == (b, x[0].numel())
+    assert result.inputs.dtype == torch.float64
+    assert matched_errors(result.inputs, x).max() <= 1e-3
+    assert result.mismatches == 0 and result.stage in (1, 2)
+
+
+def test_spear_recovers_the_output_gradient_too():
+    """grad_out is dL/dZ of each sample: zero exactly where the ReLU is off, and it sums to the bias gradient."""
+    _, model, x, _, grads = fc_case("patches", 1000, 8)
+    layer = model.net[1]
+    result = reconstruct(layer.weight, layer.bias, grads["net.1.weight"], grads["net.1.bias"], 8)
+    z = layer(x.flatten(1)).detach().double().T                                       # (m, b) true pre-activations
+    order = torch.cdist(x.flatten(1).double(), result.inputs).argmin(dim=1)         # true sample -> recovered one
+    g = result.grad_out[:, order]
+    scale = g.abs().max()
+    assert (g[z < -1e-4].abs() <= 1e-6 * scale).all()
+    assert torch.allclose(g.sum(dim=1), grads["net.1.bias"].double(), rtol=0, atol=1e-6 * grads["net.1.bias"].abs().max())
+
+
+def test_spear_estimates_the_batch_size_as_the_gradient_rank():
+    _, model, x, _, grads = fc_case("patches", 1000, 12)
+    layer = model.net[1]
+    result = reconstruct(layer.weight, layer.bias, grads["net.1.weight"], grads["net.1.bias"], None)
+    assert result.batch_size_estimated == 12 and result.batch_size == 12
+    assert result.certified and matched_errors(result.inputs, x).max() <= 1e-3
+
+
+def test_spear_is_deterministic_given_its_seed():
+    _, model, _, _, grads = fc_case("digits", 1000, 6)
+    layer = model.net[1]
+    args = (layer.weight, layer.bias, grads["net.1.weight"], grads["net.1.bias"], 6)
+    a, b = reconstruct(*args, seed=3), reconstruct(*args, seed=3)
+    assert a.samples == b.samples and torch.equal(a.inputs, b.inputs)
+
+
+# --- the certificate ---------------------------------------------------------------------------------------------------
+
+def test_certificate_accepts_the_truth_and_rejects_a_wrong_disaggregation():
+    """A wrong Q violates the ReLU pattern: a column mixed with another on hundreds of entries; a wrong scale
+    (sample 0 halved) only where the bias decides the sign, fewer but never none."""
+    data, model, x, y, grads = fc_case("patches", 1000, 8)
+    layer = model.net[1]
+    problem, _, _ = prepare(layer.weight, layer.bias, grads["net.1.weight"], grads["net.1.bias"], 8)
+    # The true disaggregation: dL/dZ of each sample, by autograd, expressed in the basis L (G = L Q).
+    z = layer(x.flatten(1)).detach().requires_grad_(True)
+    logits = model.net[3](F.relu(z))
+    (g_true,) = torch.autograd.grad(F.cross_entropy(logits, y), z)
+    Q = torch.linalg.lstsq(problem.L, g_true.double().T).solution
+    mixed, rescaled = Q.clone(), Q.clone()
+    mixed[:, 0] = Q[:, 0] + 0.5 * Q[:, 1]
+    rescaled[:, 0] = 2 * Q[:, 0]
+    violations, bias_residual = certify(problem, torch.stack((Q, mixed, rescaled)))
+    assert violations[0] == 0 and bias_residual[0] < 1e-5
+    assert violations[1] > 100 and violations[2] > 0
+
+
+def test_noisy_gradient_gives_an_uncertified_best_effort_answer():
+    _, model, x, _, grads = fc_case("patches", 1000, 8)
+    layer = model.net[1]
+    gen = torch.Generator().manual_seed(0)
+    dW, db = grads["net.1.weight"], grads["net.1.bias"]
+    noisy_w = dW + 0.01 * dW.std() * torch.randn(dW.shape, generator=gen)
+    noisy_b = db + 0.01 * db.std() * torch.randn(db.shape, generator=gen)
+    result = reconstruct(layer.weight, layer.bias, noisy_w, noisy_b, 8, max_samples=5_000)
+    assert not result.certified
+    assert result.inputs.shape == (8, x[0].numel()) and torch.isfinite(result.inputs).all()
+
+
+def test_pruned_gradient_gives_an_uncertified_answer():
+    """Top-10% pruning breaks the low rank: the fit residual alone rules the certificate out."""
+    _, model, x, _, grads = fc_case("digits", 200, 4)
+    layer = model.net[1]
+    dW = grads["net.1.weight"]
+    pruned = torch.where(dW.abs() >= dW.abs().flatten().quantile(0.9), dW, torch.zeros_like(dW))
+    result = reconstruct(layer.weight, layer.bias, pruned, grads["net.1.bias"], 4, max_samples=20_000)
+    assert not result.certified and result.fit_residual > 0.1
+    assert result.inputs.shape == (4, 64)
+
+
+def test_budget_exhausted_returns_uncertified_with_violations():
+    _, model, _, _, grads = fc_case("patches", 1000, 16)
+    layer = model.net[1]
+    result = reconstruct(layer.weight, layer.bias, grads["net.1.weight"], grads["net.1.bias"], 16, max_samples=64)
+    assert not result.certified and result.samples <= 64 and result.mismatches > 0
+
+
+# --- refusals ---------------------------------------------------------------------------------------------------------
+
+def test_refuses_a_convolutional_first_layer():
+    model = build_model({"name": "cnn"}, (3, 32, 32), 10)
+    with pytest.raises(AttackNotApplicable, match="Linear followed by ReLU, got Conv2d"):
+        Spear().check(model, TrainMeta("fedsgd", (3, 32, 32), 10, batch_size=4))
+
+
+def test_refuses_a_layer_without_bias():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 200, bias=False), nn.ReLU(), nn.Linear(200, 10))
+    with pytest.raises(AttackNotApplicable, match="bias"):
+        Spear().check(model, TrainMeta("fedsgd", (1, 8, 8), 10, batch_size=4))
+    weight, grad = torch.randn(200, 64), torch.randn(200, 64)
+    with pytest.raises(AttackNotApplicable, match="bias"):
+        reconstruct(weight, None, grad, None, 4)
+
+
+def test_refuses_a_batch_as_large_as_the_layer():
+    model = build_model({"name": "fc", "widths": [200]}, (1, 8, 8), 10)
+    with pytest.raises(AttackNotApplicable, match=r"b < min\(m, n\) = 64"):
+        Spear().check(model, TrainMeta("fedsgd", (1, 8, 8), 10, batch_size=64))
+    layer = model.net[1]
+    with pytest.raises(AttackNotApplicable, match=r"b < min\(m, n\) = 64"):
+        reconstruct(layer.weight, layer.bias, torch.zeros(200, 64), torch.zeros(200), 64)
+
+
+def test_refusals_are_one_line():
+    model = build_model({"name": "lenet_relu"}, (3, 32, 32), 10)
+    with pytest.raises(AttackNotApplicable) as err:
+        first_linear_relu(model)
+    assert "\n" not in str(err.value)
+
+
+def test_finds_the_first_linear_relu_in_execution_order():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = nn.Linear(5, 3)        # registered first, runs last
+            self.body = nn.Linear(12, 5)
+
+        def forward(self, x):
+            return self.head(F.relu(self.body(x.flatten(1))))
+
+    name, layer = first_linear_relu(Net())
+    assert name == "body" and layer.in_features == 12
+
+
+# --- the attack on observations -----------------------------------------------------------------------------------------
+
+def test_attack_reconstructs_an_observation_from_config():
+    import yaml
+
+    data, model, x, _, grads = fc_case("digits", 1000, 8)
+    attack = build_attack(yaml.safe_load(open("conf/attack/spear.yaml")))
+    meta = TrainMeta("fedsgd", data.input_shape, data.num_classes, data.normalization, batch_size=None)
+    attack.check(model, meta)
+    obs = Observation(round=1, client=0, model=model, update=grads, meta=meta)
+    rec = attack.reconstruct(obs)
+    assert rec.certified is True
+    assert rec.inputs.shape == (8, 1, 8, 8) and rec.inputs.dtype == torch.float32
+    assert matched_errors(rec.inputs, x).max() <= 1e-3
+    assert rec.stats["batch_size_estimated"] == 8 and rec.stats["samples"] >= 0
+
+
+def test_attack_on_multi_step_fedavg_is_approximate_and_honest():
+    """Two local SGD steps: -delta / lr is no longer one batch's gradient; the answer must not claim exactness."""
+    data, model, x, y, _ = fc_case("digits", 1000, 4)
+    lr = 0.1
+    local = build_model({"name": "fc", "widths": [1000]}, data.input_shape, data.num_classes, seed=0)
+    local.load_state_dict(model.state_dict())
+    opt = torch.optim.SGD(local.parameters(), lr=lr)
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(local(x), y).backward()
+        opt.step()
+    update = {k: (dict(local.named_parameters())[k] - v).detach() for k, v in model.named_parameters()}
+    meta = TrainMeta("fedavg", data.input_shape, data.num_classes, batch_size=4, local_steps=2, lr=lr)
+    attack = build_attack({"name": "spear", "max_samples": 5_000})
+    rec = attack.reconstruct(Observation(round=1, client=0, model=model, update=update, meta=meta))
+    assert rec.certified is False and rec.stats["approximate_gradient"] is True
+    assert rec.inputs.shape == (4, 1, 8, 8)
