@@ -138,8 +138,34 @@ def read_job(directory: Path, root: Path) -> Job:
 
 
 def collect(root: str | os.PathLike) -> list[Job]:
+    """Every job under `root`. Runs made without Hydra (`fedsim.api.run`) have no overrides file: their keys are
+    the config values that differ between them (e.g. `defense.sigma` across a notebook's loop)."""
     root = Path(root).resolve()
-    return [read_job(d, root) for d in find_job_dirs(root)]
+    jobs = [read_job(d, root) for d in find_job_dirs(root)]
+    bare = [j for j in jobs if not (j.directory / ".hydra" / "overrides.yaml").exists() and j.config]
+    if len(bare) > 1:
+        flat = [_flatten(j.config) for j in bare]
+        keys = sorted({k for f in flat for k in f})
+        varying = [k for k in keys if len({repr(f.get(k)) for f in flat}) > 1]
+        for job, values in zip(bare, flat):
+            job.overrides = {k: values[k] for k in varying if k in values}
+    return jobs
+
+
+def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+    """{"defense": {"name": "noise", "sigma": 0.1}} -> {"defense": "noise", "defense.sigma": 0.1} (a group's
+    `name` stands for the group, as in an override)."""
+    out: dict[str, Any] = {}
+    for key, value in (config or {}).items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            for sub, v in _flatten(value, f"{path}.").items():
+                out[path if sub == f"{path}.name" else sub] = v
+        elif isinstance(value, list):
+            out[path] = str(value).replace(" ", "")
+        else:
+            out[path] = value
+    return out
 
 
 # --- tables ----------------------------------------------------------------------------------------------------------

@@ -167,3 +167,16 @@ def test_a_defense_strength_is_the_knob_that_varies_and_the_frontier_keeps_undom
     assert list(out["strength_knob"][1:]) == ["defense.sigma", "defense.sigma", "defense.keep", "defense.keep"]
     # (attack success, accuracy): (0.5, 0.6) is beaten by (0.2, 0.7); the rest trade one for the other
     assert pareto_front([(0.9, 0.9), (0.5, 0.6), (0.2, 0.7), (0.0, 0.1)]) == [(0.0, 0.1), (0.2, 0.7), (0.9, 0.9)]
+
+
+def test_runs_made_from_python_are_keyed_by_the_config_values_that_differ(tmp_path):
+    from fedsim.api import run
+    from fedsim.report import write_report
+
+    for b in (1, 2):
+        run(["attack=analytic", "data=digits", "model.widths=[32]", "fl.rounds=1", "fl.clients=2",
+             f"fl.batch_size={b}"], tmp_path / f"b{b}")
+    report = write_report(tmp_path)
+    assert list(report.runs["fl.batch_size"]) == [1, 2] and "fl.rounds" not in report.runs.columns
+    assert list(report.runs["mean_exact"]) == [1.0, 0.0]
+    assert "sweep_fl.batch_size.png" in {p.name for p in report.plots}
