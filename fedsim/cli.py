@@ -15,7 +15,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-GROUPS = ("attack", "defense", "data", "model", "runtime", "partition", "experiment")
+GROUPS = ("attack", "defense", "data", "model", "runtime", "partition", "experiment", "tracking")
 EXIT_CONFIG = 2
 
 
@@ -25,7 +25,17 @@ def main() -> None:
     if problem:
         print(f"fedsim: {problem}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
+    register_study_sweeper()
     _hydra_main()
+
+
+def register_study_sweeper() -> None:
+    """Make `hydra/sweeper=study` available (Hydra's plugin scan misses it in editable installs)."""
+    from hydra.core.plugins import Plugins
+
+    from hydra_plugins.fedsim_sweeper import StudySweeper
+
+    Plugins.instance().register(StudySweeper)
 
 
 def group_options(group: str) -> list[str]:
@@ -129,9 +139,18 @@ def run_job(cfg: DictConfig) -> str | None:
     return output
 
 
+# Keys that describe a study or how it is watched, not the run: a job finished under other values of these is
+# still the same job (`study.*` only feeds other keys, whose resolved values are compared).
+NOT_RESULT_KEYS = ("study", "tracking", "verbose")
+
+
 def _same_config(output: str, config_yaml: str) -> bool:
     path = Path(output) / "config.yaml"
-    return path.exists() and yaml.safe_load(path.read_text()) == yaml.safe_load(config_yaml)
+    if not path.exists():
+        return False
+    old, new = yaml.safe_load(path.read_text()) or {}, yaml.safe_load(config_yaml) or {}
+    strip = lambda cfg: {k: v for k, v in cfg.items() if k not in NOT_RESULT_KEYS}
+    return strip(old) == strip(new)
 
 
 def _remove_if_empty(output: str) -> None:

@@ -18,6 +18,8 @@ import json
 from collections import defaultdict
 import math
 import os
+import shutil
+import socket
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -66,9 +68,10 @@ class ResultsWriter:
             raise ConfigError("hydra.run.dir", str(self.dir), f"a writable directory ({err.strerror})") from None
         for name in (RESULTS_FILE, ROUNDS_FILE):
             (self.dir / name).unlink(missing_ok=True)
+        shutil.rmtree(self.dir / GRID_DIR, ignore_errors=True)  # a re-run job keeps no grid of its last try
         (self.dir / CONFIG_FILE).write_text(config_yaml)
         self._status = {"state": "running", "rounds_done": 0, "rounds_total": rounds_total,
-                        "started_at": time.time(), "pid": os.getpid()}
+                        "started_at": time.time(), "pid": os.getpid(), "host": socket.gethostname()}
         self._write_status()
 
     def record(self, row: Mapping[str, Any]) -> None:
@@ -138,14 +141,23 @@ def run_state(directory: str | os.PathLike) -> str:
         return "missing"
     if state != "running":
         return state
-    pid = status.get("pid")
+    return "running" if process_alive(status.get("pid"), status.get("host")) else "incomplete"
+
+
+def process_alive(pid: Any, host: str | None = None) -> bool:
+    """Whether the run's process still runs. On another machine (`host`) it cannot be told: taken as alive."""
+    if host is not None and host != socket.gethostname():
+        return True
     try:
         os.kill(int(pid), 0)
-    except (TypeError, ValueError, ProcessLookupError):
-        return "incomplete"
+    except (TypeError, ValueError, ProcessLookupError, OverflowError):
+        return False
     except PermissionError:  # alive, owned by someone else
-        pass
-    return "running"
+        return True
+    try:  # a zombie (killed, not yet reaped by its parent) still answers kill(pid, 0)
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return True
 
 
 def save_grid(path: str | os.PathLike, originals: torch.Tensor | None, reconstructions: torch.Tensor | None,

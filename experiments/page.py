@@ -1,0 +1,199 @@
+"""The report's single static HTML page: status, plots, the per-run table and the reconstruction grids.
+
+No scripts and no remote assets: images are files next to the page (relative links) or, with `embed`, data URIs
+inside it, so the page reads offline and can be mailed or archived as it is.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import html
+import math
+from pathlib import Path
+from typing import Any
+
+CAPTIONS = {
+    "attack_per_round": "Attack success per round for each setting of the sweep (mean over clients and seeds). "
+                        "exact = fraction of each client's batch recovered exactly; PSNR in dB (higher: closer).",
+    "attack_vs_strength": "Attack success against each defense's strength (mean over rounds, clients; bars: "
+                          "spread over seeds). Dashed: the same attack with no defense.",
+    "privacy_utility": "Final test accuracy of the global model against attack success, one point per setting "
+                       "(labels: defense strength). Up and to the left is better; the line is the frontier of "
+                       "settings no other setting beats on both.",
+    "sweep": "Attack success and attack time against a swept setting, one line per setting of the other swept keys.",
+}
+
+STATUS_COLORS = {"complete": "#2e7d32", "running": "#1565c0", "incomplete": "#ef6c00", "failed": "#c62828",
+                 "invalid": "#6a1b9a"}
+
+CSS = """
+body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; margin: 2em auto; max-width: 1250px;
+       padding: 0 1em; color: #222; line-height: 1.45; }
+h1 { font-size: 1.5em; margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: 0.2em; }
+.meta { color: #555; font-size: 0.9em; }
+.badge { display: inline-block; padding: 0.05em 0.55em; border-radius: 0.8em; color: white; font-size: 0.85em; }
+figure { margin: 1.2em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
+figcaption { color: #444; font-size: 0.9em; }
+table { border-collapse: collapse; font-size: 0.85em; }
+th, td { border: 1px solid #ddd; padding: 0.25em 0.5em; text-align: right; }
+th { background: #f5f5f5; } td.text { text-align: left; }
+details { margin: 0.6em 0; } summary { cursor: pointer; font-weight: 600; }
+.grids { display: flex; flex-wrap: wrap; gap: 0.5em; align-items: flex-start; }
+.grids img { max-width: 100%; border: 1px solid #eee; }
+.error { color: #c62828; font-size: 0.85em; }
+code.cmd { display: block; font-size: 0.8em; color: #333; background: #f7f7f7; padding: 0.3em 0.5em;
+           margin: 0.3em 0; overflow-x: auto; white-space: nowrap; }
+"""
+
+
+def render_page(out: Path, *, title: str, root: Path, jobs: list, tidy: Any, runs: Any, plots: list[Path],
+                grids: dict[str, list[Path]], embed: bool = False) -> Path:
+    """Write `out/index.html` and return its path."""
+    def src(path: Path) -> str:
+        if embed:
+            return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+        return html.escape(path.relative_to(out).as_posix())
+
+    counts: dict[str, int] = {}
+    for job in jobs:
+        counts[job.status] = counts.get(job.status, 0) + 1
+    badges = " ".join(_badge(s, f"{n} {s}") for s, n in counts.items())
+    parts = [
+        "<!DOCTYPE html>", "<html lang='en'><head><meta charset='utf-8'>",
+        f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        f"<p class='meta'>{html.escape(str(root))}<br>{len(jobs)} run(s): {badges}<br>"
+        f"{len(tidy)} rows (run x round x client x attack); generated "
+        f"{dt.datetime.now().strftime('%Y-%m-%d %H:%M')}</p>",
+        "<p class='meta'>Data: <a href='table.csv'>table.csv</a> · <a href='table.parquet'>table.parquet</a> "
+        "(tidy, one row per run x round x client x attack) · <a href='runs.csv'>runs.csv</a> (one row per run)</p>",
+    ]
+    lines = findings(tidy)
+    if lines:
+        parts.append("<h2>Findings</h2><ul class='findings'>" + "".join(f"<li>{html.escape(x)}</li>" for x in lines)
+                     + "</ul>")
+    if plots:
+        parts.append("<h2>Plots</h2>")
+        for plot in plots:
+            kind = "sweep" if plot.stem.startswith("sweep_") else plot.stem
+            caption = CAPTIONS.get(kind, "")
+            if kind == "sweep":
+                caption = f"{plot.stem[len('sweep_'):]}: " + caption
+            parts.append(f"<figure id='{html.escape(plot.stem)}'><img class='plot' src='{src(plot)}' "
+                         f"alt='{html.escape(plot.stem)}'><figcaption>{html.escape(caption)}</figcaption></figure>")
+    parts.append("<h2>Runs</h2>")
+    parts.append(_runs_html(runs))
+    with_grids = [job for job in jobs if grids.get(job.name)]
+    if with_grids:
+        parts.append("<h2>Reconstructions</h2><p class='meta'>Each grid: the client's true batch (top) above what "
+                     "the attack recovered, matched sample to sample (bottom, with its PSNR; 'exact' marks exact "
+                     "recovery).</p>")
+        order = {name: i for i, name in enumerate(runs["run"])}
+        for i, job in enumerate(sorted(with_grids, key=lambda j: order.get(j.name, 0))):
+            label = runs.loc[runs["run"] == job.name, "label"].iloc[0]
+            opened = " open" if i < 6 else ""
+            images = "".join(f"<img class='grid' src='{src(p)}' alt='{html.escape(p.stem)}'>" for p in grids[job.name])
+            parts.append(f"<details{opened}><summary>{html.escape(str(label))} {_badge(job.status, job.status)}"
+                         f"</summary>{_command(job)}<div class='grids'>{images}</div></details>")
+    parts.append("</body></html>")
+    page = out / "index.html"
+    page.write_text("\n".join(parts), encoding="utf-8")
+    return page
+
+
+def _command(job: Any) -> str:
+    """The command that runs this job alone (its overrides), for a reader who wants to repeat or vary it."""
+    if not job.overrides:
+        return ""
+    args = " ".join(_arg(k, v) for k, v in job.overrides.items())
+    return f"<code class='cmd'>fedsim {html.escape(args)}</code>"
+
+
+def _arg(key: str, value: Any) -> str:
+    text = f"{value:g}" if isinstance(value, float) else str(value).replace(" ", "")
+    prefix = "+" if key in ("experiment", "tracking") else ""
+    return f"{prefix}{key}={text}"
+
+
+def findings(tidy: Any) -> list[str]:
+    """Plain sentences for the top of the page: per attack, its success with no defense, and for each defense
+    whose strength was swept, the exact rate at each strength."""
+    import pandas as pd
+
+    need = {"attack", "defense", "exact", "strength", "run"}
+    if tidy.empty or not need <= set(tidy.columns):
+        return []
+    df = tidy.assign(exact=pd.to_numeric(tidy["exact"], errors="coerce"),
+                     psnr=pd.to_numeric(tidy.get("psnr"), errors="coerce"),
+                     final_accuracy=pd.to_numeric(tidy.get("final_accuracy"), errors="coerce"))
+    out = []
+    for attack, part in df.groupby("attack"):
+        base = part[part["defense"] == "none"]
+        if not base.empty:
+            out.append(f"{attack} with no defense: exact {base['exact'].mean():.0%} of each batch, PSNR "
+                       f"{base['psnr'].mean():.1f} dB, final accuracy {base['final_accuracy'].mean():.1%}.")
+        for defense, runs in part[part["defense"] != "none"].groupby("defense"):
+            by = runs.groupby("strength").agg(exact=("exact", "mean"), acc=("final_accuracy", "mean"))
+            knob = runs["strength_knob"].dropna()
+            if len(by) < 2 or knob.empty:
+                continue
+            knob = knob.iloc[0]
+            rates = ", ".join(f"{value:g}: {row.exact:.0%}" for value, row in by.iterrows())
+            text = (f"{attack} against {defense}, exact rate by {knob}: {rates} (final accuracy "
+                    f"{by['acc'].min():.1%} to {by['acc'].max():.1%}).")
+            out.append(text)
+    refused = tidy[tidy["status"] == "invalid"] if "status" in tidy.columns else tidy.iloc[0:0]
+    for _, run in refused.drop_duplicates("run").iterrows():
+        error = run.get("error")
+        if isinstance(error, str) and error:
+            out.append(f"{run['label']}: not run, the configuration was refused: {error}")
+    return out
+
+
+def _badge(status: str, text: str) -> str:
+    color = STATUS_COLORS.get(status, "#555")
+    return f"<span class='badge' style='background:{color}'>{html.escape(text)}</span>"
+
+
+def _runs_html(runs: Any) -> str:
+    columns = [("label", "run"), ("status", "status"), ("rounds_done", "rounds"), ("final_accuracy", "final acc"),
+               ("mean_exact", "exact"), ("mean_psnr", "PSNR"), ("mean_ssim", "SSIM"), ("mean_seconds", "attack s"),
+               ("faults", "faults"), ("error", "error")]
+    columns = [(c, name) for c, name in columns if c in runs.columns]
+    head = "".join(f"<th>{html.escape(name)}</th>" for _, name in columns)
+    body = []
+    for _, row in runs.iterrows():
+        cells = []
+        for col, _ in columns:
+            value = row[col]
+            if col == "status":
+                cells.append(f"<td class='text'>{_badge(str(value), str(value))}</td>")
+            elif col in ("label", "error"):
+                text = "" if _missing(value) else str(value)
+                cls = "text error" if col == "error" else "text"
+                cells.append(f"<td class='{cls}'>{html.escape(text[:200])}</td>")
+            else:
+                cells.append(f"<td>{_fmt(col, value)}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or str(value) in ("<NA>", "nan")
+
+
+def _fmt(col: str, value: Any) -> str:
+    if _missing(value):
+        return "-"
+    if col in ("final_accuracy", "mean_exact"):
+        return f"{float(value):.1%}"
+    if col in ("mean_psnr",):
+        return f"{float(value):.1f}"
+    if col in ("mean_ssim",):
+        return f"{float(value):.3f}"
+    if col == "mean_seconds":
+        return f"{float(value):.2f}"
+    if col == "rounds_done":
+        return html.escape(str(int(value)))
+    return html.escape(str(value))

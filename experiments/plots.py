@@ -1,0 +1,326 @@
+"""The report's figures, drawn from the tidy table (`fedsim.report.tidy_table`) with matplotlib.
+
+    attack_per_round.png     attack success per round, one line per job setting (seeds averaged)
+    attack_vs_strength.png   attack success against each defense's strength, no-defense baseline dashed
+    privacy_utility.png      final test accuracy against attack success, the Pareto frontier drawn through it
+    sweep_<key>.png          attack success and attack time against any other swept number (batch size, width)
+
+Attack success is shown twice: `exact` (fraction of the batch recovered exactly, the measure for exact attacks
+such as SPEAR) and `psnr` (dB, the measure for optimisation attacks). A figure that has nothing to show (no
+defense strength swept, one job) is not drawn.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+SUCCESS = (("exact", "exact rate (fraction of the batch)"), ("psnr", "PSNR (dB)"))
+MAX_LINES = 12
+NOT_SWEEP = {"seed", "round", "client", "experiment", "attack", "defense", "data", "model", "runtime", "partition"}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _attacks(df) -> list[str]:
+    return [a for a in df["attack"].dropna().unique()] if "attack" in df.columns else []
+
+
+def _metrics(df) -> list[tuple[str, str]]:
+    import pandas as pd
+
+    return [(m, label) for m, label in SUCCESS
+            if m in df.columns and pd.to_numeric(df[m], errors="coerce").notna().any()]
+
+
+def per_job(df, metric: str, by: tuple[str, ...] = ()):
+    """Mean of `metric` per run (over clients and rounds, or per `by`), keeping the run's descriptive columns."""
+    import pandas as pd
+
+    d = df.copy()
+    d[metric] = pd.to_numeric(d[metric], errors="coerce")
+    keep = [c for c in ("label", "defense", "strength", "strength_knob", "final_accuracy", "seed") if c in d.columns]
+    keys = ["run", "attack", *by]
+    agg = {metric: "mean", **{c: "first" for c in keep}}
+    return d.groupby(keys, dropna=False).agg(agg).reset_index()
+
+
+def _over_seeds(frame, keys: list[str], metric: str):
+    """Mean and standard deviation over seeds (over runs sharing `keys`)."""
+    grouped = frame.groupby(keys, dropna=False)[metric]
+    out = grouped.agg(["mean", "std", "count"]).reset_index()
+    out["std"] = out["std"].fillna(0.0)
+    return out
+
+
+def make_plots(df, runs, folder: str | Path) -> list[Path]:
+    """Every figure that applies to this table, as PNG files in `folder`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*.png"):
+        old.unlink()
+    if df.empty or "attack" not in df.columns or not _metrics(df):
+        return []
+    made = [attack_per_round(df, folder / "attack_per_round.png"),
+            attack_vs_strength(df, folder / "attack_vs_strength.png"),
+            privacy_utility(df, folder / "privacy_utility.png")]
+    made += sweep_plots(df, folder)
+    return [p for p in made if p is not None]
+
+
+def attack_per_round(df, path: Path) -> Path | None:
+    plt = _plt()
+    attacks, metrics = _attacks(df), _metrics(df)
+    fig, axes = plt.subplots(len(attacks), len(metrics), figsize=(5.2 * len(metrics) + 2.6, 3.4 * len(attacks)),
+                             squeeze=False)
+    for i, attack in enumerate(attacks):
+        part = df[df["attack"] == attack]
+        for j, (metric, ylabel) in enumerate(metrics):
+            ax = axes[i][j]
+            runs = per_job(part, metric, by=("round",))
+            stats = _over_seeds(runs, ["label", "round"], metric)
+            labels = _ordered_labels(runs)
+            colors = _colors(len(labels))
+            for k, label in enumerate(labels[:MAX_LINES]):
+                line = stats[stats["label"] == label].sort_values("round")
+                ax.plot(line["round"], line["mean"], marker="o", ms=3, color=colors[k], label=label)
+            ax.set_xlabel("round")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{attack}: {metric} per round", fontsize=10)
+            ax.xaxis.get_major_locator().set_params(integer=True)
+            if metric == "exact":
+                ax.set_ylim(-0.03, 1.03)
+            ax.grid(alpha=0.3)
+        handles, names = axes[i][0].get_legend_handles_labels()
+        if handles:
+            more = len(_ordered_labels(per_job(part, metrics[0][0]))) - MAX_LINES
+            title = f"(+{more} more)" if more > 0 else None
+            axes[i][-1].legend(handles, names, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                               title=title, title_fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def attack_vs_strength(df, path: Path) -> Path | None:
+    """One column per defense whose strength varies; x its strength knob, y attack success, one line per attack."""
+    import pandas as pd
+
+    if "strength" not in df.columns:
+        return None
+    defenses = []
+    for defense, part in df[df["defense"] != "none"].groupby("defense"):
+        if pd.to_numeric(part["strength"], errors="coerce").dropna().nunique() >= 2:
+            defenses.append(defense)
+    if not defenses:
+        return None
+    plt = _plt()
+    metrics, attacks = _metrics(df), _attacks(df)
+    colors = _colors(len(attacks))
+    fig, axes = plt.subplots(len(metrics), len(defenses), figsize=(4.4 * len(defenses) + 1.5, 3.3 * len(metrics)),
+                             squeeze=False)
+    for j, defense in enumerate(defenses):
+        part = df[df["defense"] == defense]
+        knob = part["strength_knob"].dropna().iloc[0] if part["strength_knob"].notna().any() else "strength"
+        for i, (metric, ylabel) in enumerate(metrics):
+            ax = axes[i][j]
+            for k, attack in enumerate(attacks):
+                runs = per_job(part[part["attack"] == attack], metric)
+                if runs.empty:
+                    continue
+                stats = _over_seeds(runs, ["strength"], metric).sort_values("strength")
+                ax.errorbar(stats["strength"], stats["mean"], yerr=stats["std"], marker="o", ms=4, capsize=3,
+                            color=colors[k], label=attack)
+                base = df[(df["defense"] == "none") & (df["attack"] == attack)]
+                if not base.empty:
+                    level = per_job(base, metric)[metric].mean()
+                    ax.axhline(level, ls="--", lw=1, color=colors[k], alpha=0.7, label=f"{attack}, no defense")
+            _strength_axis(ax, part["strength"])
+            ax.set_xlabel(knob)
+            ax.set_ylabel(ylabel)
+            if metric == "exact":
+                ax.set_ylim(-0.03, 1.03)
+            ax.set_title(f"{defense}: {metric} against {knob}", fontsize=10)
+            ax.grid(alpha=0.3)
+    handles, names = axes[0][0].get_legend_handles_labels()
+    axes[0][-1].legend(handles, names, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _strength_axis(ax, values) -> None:
+    import pandas as pd
+
+    v = pd.to_numeric(values, errors="coerce").dropna()
+    positive = v[v > 0]
+    if len(positive) >= 2 and positive.max() / positive.min() >= 20:
+        lowest = float(positive.min())
+        if (v <= 0).any():
+            ax.set_xscale("symlog", linthresh=lowest)
+            ax.set_xlim(-0.3 * lowest, float(v.max()) * 1.6)
+        else:
+            ax.set_xscale("log")
+        ticks = sorted(v.unique())
+        if len(ticks) <= 10:  # label the strengths swept, not the axis' own decades
+            ax.set_xticks(ticks)
+            ax.set_xticklabels([f"{t:g}" for t in ticks], fontsize=8)
+            ax.minorticks_off()
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Points (attack success, accuracy) that no other point beats on both (lower success, higher accuracy)."""
+    front: list[tuple[float, float]] = []
+    best = -math.inf
+    for x, y in sorted(points, key=lambda p: (p[0], -p[1])):
+        if y > best:
+            front.append((x, y))
+            best = y
+    return front
+
+
+def privacy_utility(df, path: Path) -> Path | None:
+    """Final test accuracy (y) against attack success (x), one point per job setting, frontier drawn."""
+    import pandas as pd
+
+    if "final_accuracy" not in df.columns or pd.to_numeric(df["final_accuracy"], errors="coerce").isna().all():
+        return None
+    plt = _plt()
+    attacks, metrics = _attacks(df), _metrics(df)
+    defenses = [d for d in df["defense"].dropna().unique()] if "defense" in df.columns else [None]
+    colors = dict(zip(defenses, _colors(len(defenses))))
+    fig, axes = plt.subplots(len(attacks), len(metrics), figsize=(5.0 * len(metrics) + 2.0, 3.8 * len(attacks)),
+                             squeeze=False)
+    for i, attack in enumerate(attacks):
+        part = df[df["attack"] == attack]
+        for j, (metric, xlabel) in enumerate(metrics):
+            ax = axes[i][j]
+            runs = per_job(part, metric)
+            runs["final_accuracy"] = pd.to_numeric(runs["final_accuracy"], errors="coerce")
+            points = runs.groupby(["label"], dropna=False).agg(
+                x=(metric, "mean"), y=("final_accuracy", "mean"), defense=("defense", "first"),
+                strength=("strength", "first")).reset_index().dropna(subset=["x", "y"])
+            for defense, group in points.groupby("defense", dropna=False):
+                ax.scatter(group["x"], group["y"], s=30, color=colors.get(defense, "grey"), label=str(defense),
+                           zorder=3)
+                graded = group["strength"].nunique() > 1    # label points only where the strength varies
+                for _, p in group.iterrows():
+                    if graded and pd.notna(p["strength"]):
+                        ax.annotate(f"{p['strength']:g}", (p["x"], p["y"]), fontsize=6, xytext=(3, 3),
+                                    textcoords="offset points")
+            front = pareto_front(list(zip(points["x"], points["y"])))
+            if len(front) >= 2:
+                fx, fy = zip(*front)
+                ax.step(fx, fy, where="post", color="black", lw=1, alpha=0.6, label="frontier")
+            ax.set_xlabel(f"{attack} {xlabel}  (lower: more private)")
+            ax.set_ylabel("final test accuracy")
+            ax.set_title(f"privacy-utility: {attack}, {metric}", fontsize=10)
+            ax.grid(alpha=0.3)
+        handles, names = axes[i][0].get_legend_handles_labels()
+        if handles:
+            axes[i][-1].legend(handles, names, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def swept_numbers(df) -> list[str]:
+    """Numeric override columns that take several values and are not a defense's strength or the seed."""
+    import pandas as pd
+
+    out = []
+    for col in df.columns:
+        if "." not in col or col.startswith(("defense.", "stats.")) or col in NOT_SWEEP:
+            continue
+        values = pd.to_numeric(df[col], errors="coerce")
+        if values.notna().all() and values.nunique() >= 2:
+            out.append(col)
+    return out
+
+
+def sweep_plots(df, folder: Path) -> list[Path]:
+    """For each swept number (e.g. fl.batch_size): attack success and seconds against it, one line per setting of
+    the other swept keys."""
+    import pandas as pd
+
+    made = []
+    for key in swept_numbers(df):
+        others = [c for c in _varying_overrides(df) if c not in (key, "seed")]
+        plt = _plt()
+        panels = [*_metrics(df), ("seconds", "attack time per client (s)")]
+        attacks = _attacks(df)
+        fig, axes = plt.subplots(len(attacks), len(panels), figsize=(4.6 * len(panels) + 2.2, 3.4 * len(attacks)),
+                                 squeeze=False)
+        for i, attack in enumerate(attacks):
+            part = df[df["attack"] == attack].copy()
+            part["_group"] = (part[others].apply(lambda r: ", ".join(f"{k}={v}" for k, v in r.items()), axis=1)
+                              if others else attack)
+            groups = sorted(part["_group"].unique(), key=str)
+            colors = _colors(len(groups))
+            for j, (metric, ylabel) in enumerate(panels):
+                ax = axes[i][j]
+                runs = per_job(part.assign(_x=pd.to_numeric(part[key])), metric, by=("_x", "_group"))
+                stats = _over_seeds(runs, ["_group", "_x"], metric)
+                for k, group in enumerate(groups[:MAX_LINES]):
+                    line = stats[stats["_group"] == group].sort_values("_x")
+                    ax.errorbar(line["_x"], line["mean"], yerr=line["std"], marker="o", ms=4, capsize=3,
+                                color=colors[k], label=group)
+                ax.set_xlabel(key)
+                ax.set_ylabel(ylabel)
+                if metric == "exact":
+                    ax.set_ylim(-0.03, 1.03)
+                if metric == "seconds":
+                    positive = stats["mean"][stats["mean"] > 0]
+                    if len(positive) and positive.max() / positive.min() > 20:
+                        ax.set_yscale("log")
+                ax.set_title(f"{attack}: {metric} against {key}", fontsize=10)
+                ax.grid(alpha=0.3)
+            handles, names = axes[i][0].get_legend_handles_labels()
+            if handles and len(groups) > 1:
+                axes[i][-1].legend(handles, names, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+        fig.tight_layout()
+        path = folder / f"sweep_{key.replace('/', '_')}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        made.append(path)
+    return made
+
+
+def _varying_overrides(df) -> list[str]:
+    """Override-like columns (dotted keys or config groups) that take more than one value across runs."""
+    out = []
+    skip = {"run", "status", "label", "strength", "strength_knob", "round", "client", "seed", "experiment"}
+    for col in df.columns:
+        if col in skip or col.startswith("stats.") or not ("." in col or col in ("attack", "defense", "data", "model")):
+            continue
+        if df.groupby("run")[col].first().astype(str).nunique() > 1:
+            out.append(col)
+    return out
+
+
+def _ordered_labels(runs) -> list[str]:
+    """Labels in a readable order: by defense, then strength, then name."""
+    firsts = runs.groupby("label", dropna=False).agg(
+        defense=("defense", "first"), strength=("strength", "first")).reset_index()
+    firsts["_d"] = firsts["defense"].astype(str).map(lambda d: "" if d == "none" else d)
+    firsts["_s"] = firsts["strength"].fillna(-np.inf)
+    return list(firsts.sort_values(["_d", "_s", "label"])["label"])
+
+
+def _colors(n: int) -> list:
+    plt = _plt()
+    if n <= 10:
+        return [plt.get_cmap("tab10")(i) for i in range(max(n, 1))]
+    return [plt.get_cmap("viridis")(i / max(n - 1, 1)) for i in range(n)]

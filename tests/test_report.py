@@ -1,0 +1,182 @@
+"""fedsim-report: the tidy table, status labels, plots and the HTML page (rendered in headless Chromium)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DEAD_PID = 2**31 - 2
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """A real sweep: batch 1 and 2 complete, batch 5000 refused (larger than a client's data)."""
+    tmp = tmp_path_factory.mktemp("report")
+    folder = tmp / "sweep"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "fedsim.cli", "-m", "attack=analytic", "data=digits",
+                           "model.widths=[32]", "fl.clients=2", "fl.rounds=2", "fl.batch_size=1,2,5000",
+                           f"hydra.sweep.dir={folder}"], cwd=tmp, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return folder
+
+
+@pytest.fixture(scope="module")
+def report(sweep):
+    from fedsim.report import write_report
+
+    return write_report(sweep)
+
+
+def test_the_table_has_one_row_per_run_round_client_attack_keyed_by_overrides(report):
+    table = pd.read_csv(report.directory / "table.csv")
+    complete = table[table["status"] == "complete"]
+    assert len(complete) == 2 * 2 * 2                                    # 2 runs x 2 rounds x 2 clients, 1 attack
+    keys = ["fl.batch_size", "round", "client", "attack"]
+    assert not complete.duplicated(keys).any()
+    assert {"attack", "data", "model.widths", "fl.clients", "fl.rounds", "fl.batch_size"} <= set(table.columns)
+    assert set(complete["fl.batch_size"]) == {1, 2} and set(complete["model.widths"]) == {"[32]"}
+    one = complete[complete["fl.batch_size"] == 1]
+    assert (one["exact"] == 1.0).all() and (complete[complete["fl.batch_size"] == 2]["exact"] < 1).all()
+    assert one["final_accuracy"].between(0, 1).all() and one["accuracy"].notna().all()
+    invalid = table[table["status"] == "invalid"]
+    assert len(invalid) == 1 and invalid["fl.batch_size"].iloc[0] == 5000 and "fl.batch_size" in invalid["error"].iloc[0]
+    parquet = pd.read_parquet(report.directory / "table.parquet")
+    assert list(parquet.columns) == list(table.columns) and len(parquet) == len(table)
+    assert parquet["exact"].dtype.kind == "f" and parquet["fl.batch_size"].dtype.kind == "i"
+
+
+def test_every_job_gets_a_status_label(sweep, tmp_path):
+    from fedsim.report import collect
+
+    root = tmp_path / "labels"
+    shutil.copytree(sweep, root, ignore=shutil.ignore_patterns("report"))
+    done = root / "0"
+    for name, change in [("killed", {"state": "running", "pid": DEAD_PID}),
+                         ("alive", {"state": "running", "pid": os.getpid()}),
+                         ("failed", {"state": "failed", "error": "RuntimeError: boom"}),
+                         ("interrupted", {"state": "interrupted"})]:
+        shutil.copytree(done, root / name)
+        state = json.loads((done / "status.json").read_text()) | change
+        (root / name / "status.json").write_text(json.dumps(state))
+    shutil.copytree(done / ".hydra", root / "never-started" / ".hydra")   # Hydra made it, the run never began
+    labels = {job.name: job.status for job in collect(root)}
+    assert labels == {"0": "complete", "1": "complete", "2": "invalid", "killed": "incomplete", "alive": "running",
+                      "failed": "failed", "interrupted": "incomplete", "never-started": "incomplete"}
+
+
+def test_the_report_has_plots_grids_and_one_page_linking_them(report):
+    names = {p.name for p in report.plots}
+    assert {"attack_per_round.png", "privacy_utility.png", "sweep_fl.batch_size.png"} <= names
+    page = report.page.read_text()
+    for plot in report.plots:
+        assert f"src='plots/{plot.name}'" in page
+    grids = sorted((report.directory / "grids").rglob("*.png"))
+    assert len(grids) == 2 * 2 * 2                                      # 2 runs x rounds 1 and 2 x 2 clients
+    assert all(f"src='{g.relative_to(report.directory).as_posix()}'" in page for g in grids)
+    for status in ("complete", "invalid"):
+        assert f">{status}</span>" in page
+    assert "analytic with no defense: exact" in page                   # findings in words
+    assert "<code class='cmd'>fedsim attack=analytic data=digits model.widths=[32]" in page  # repeat one run
+    assert "<script" not in page and "http" not in page                 # static, nothing fetched
+
+
+def test_the_page_can_embed_everything_in_one_file(sweep, tmp_path):
+    from fedsim.report import write_report
+
+    single = write_report(sweep, tmp_path / "single", embed=True)
+    page = single.page.read_text()
+    assert page.count("src='data:image/png;base64,") == len(single.plots) + 8
+
+
+def test_the_command_line_writes_the_report_and_says_where(sweep, tmp_path, capsys):
+    from fedsim.report import main
+
+    assert main([str(sweep), "--out", str(tmp_path / "cli")]) == 0
+    out = capsys.readouterr().out
+    assert "3 run(s): 2 complete, 1 invalid" in out and str(tmp_path / "cli" / "index.html") in out
+    assert main([str(tmp_path / "empty-nothing")]) == 2
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["fedsim-report"] == "fedsim.report:main"
+
+
+def chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        if shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--hide-scrollbars", "--virtual-time-budget=10000"]
+IMAGE_CHECK = """<script>window.addEventListener('load', function () {
+  var out = []; for (var i = 0; i < document.images.length; i++) { var im = document.images[i];
+  out.push([im.getAttribute('src'), im.naturalWidth, im.naturalHeight]); }
+  var pre = document.createElement('pre'); pre.id = 'image-check'; pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre); });</script>"""
+
+
+def test_the_page_renders_in_headless_chromium_with_every_plot_and_grid(report, tmp_path):
+    browser = chromium()
+    if browser is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed (.ci/run installs it)")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    # A copy of the page with a script that lists every image and its decoded size once the page has loaded.
+    probe = report.directory / "probe.html"
+    probe.write_text(report.page.read_text().replace("</body>", IMAGE_CHECK + "</body>"))
+    base = [browser, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([*base, "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
+    probe.unlink()
+    assert "<pre id=\"image-check\">" in dom.stdout, dom.stderr[-2000:]
+    listed = json.loads(dom.stdout.split("<pre id=\"image-check\">")[1].split("</pre>")[0].replace("&quot;", '"'))
+    sources = {src: (w, h) for src, w, h in listed}
+    plots = [s for s in sources if s.startswith("plots/")]
+    grids = [s for s in sources if s.startswith("grids/")]
+    assert len(plots) == len(report.plots) >= 3 and len(grids) == 8
+    assert all(w > 100 and h > 100 for w, h in sources.values()), sources   # every image decoded
+
+    shot = tmp_path / "page.png"
+    subprocess.run([*base, "--window-size=1280,2000", f"--screenshot={shot}", report.page.as_uri()],
+                   capture_output=True, timeout=120)
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(shot)[..., :3]
+    assert pixels.shape[:2] == (2000, 1280)
+    coloured = ((pixels.max(axis=2) - pixels.min(axis=2)) > 0.2).mean()  # plot lines, badges: not grey, not white
+    assert coloured > 0.002 and pixels.std() > 0.05
+
+
+def test_a_defense_strength_is_the_knob_that_varies_and_the_frontier_keeps_undominated_settings():
+    from experiments.plots import pareto_front
+    from fedsim.report import _with_strength
+
+    df = pd.DataFrame({"run": ["a", "b", "c", "d", "d"], "defense": ["none", "noise", "noise", "pruning", "pruning"],
+                       "defense.sigma": [None, 0.1, 1.0, None, None], "defense_clip": [None, 1.0, 1.0, None, None],
+                       "defense_keep": [None, None, None, 0.5, 0.5]})
+    out = _with_strength(df)
+    assert list(out["strength"]) == [0.0, 0.1, 1.0, 0.5, 0.5]
+    assert list(out["strength_knob"][1:]) == ["defense.sigma", "defense.sigma", "defense.keep", "defense.keep"]
+    # (attack success, accuracy): (0.5, 0.6) is beaten by (0.2, 0.7); the rest trade one for the other
+    assert pareto_front([(0.9, 0.9), (0.5, 0.6), (0.2, 0.7), (0.0, 0.1)]) == [(0.0, 0.1), (0.2, 0.7), (0.9, 0.9)]
+
+
+def test_runs_made_from_python_are_keyed_by_the_config_values_that_differ(tmp_path):
+    from fedsim.api import run
+    from fedsim.report import write_report
+
+    for b in (1, 2):
+        run(["attack=analytic", "data=digits", "model.widths=[32]", "fl.rounds=1", "fl.clients=2",
+             f"fl.batch_size={b}"], tmp_path / f"b{b}")
+    report = write_report(tmp_path)
+    assert list(report.runs["fl.batch_size"]) == [1, 2] and "fl.rounds" not in report.runs.columns
+    assert list(report.runs["mean_exact"]) == [1.0, 0.0]
+    assert "sweep_fl.batch_size.png" in {p.name for p in report.plots}
