@@ -2,7 +2,8 @@
 """Everything on a fresh machine with only Python 3.11: `python3 dev.py demo` and `python3 dev.py test`.
 
 Creates the virtual environment `.venv` on first use (and refreshes it when pyproject.toml changes), then runs:
-  demo   the main job: an attack-vs-defense experiment on embedded data, with its table and pictures
+  demo   the main job: SPEAR against each defense on embedded data (fedsim -m +experiment=spear_vs_defenses),
+         a table, plots and image grids in multirun/spear_vs_defenses/small/report/index.html
   test   the test suite (slow studies excluded; they live in benchmarks/)
   fedsim ARGS / report ARGS / pytest ARGS   the tools themselves, inside the environment
 """
@@ -56,8 +57,8 @@ def main() -> int:
         return 0
     command, args = sys.argv[1], sys.argv[2:]
     ensure_venv()
-    if command == "demo":
-        return run([str(BIN / "fedsim"), *args])
+    if command == "demo":  # SPEAR against each defense (a resumable study) and its report: table, plots, grids
+        return run([str(BIN / "fedsim"), "-m", "+experiment=spear_vs_defenses", *args])
     if command == "test":
         return run([str(BIN / "python"), "-m", "pytest", "-q", "-m", "not slow", *args])
     if command in ("fedsim", "pytest"):

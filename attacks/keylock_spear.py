@@ -45,6 +45,7 @@ class KeyLockSpearConfig:
                                          "(a no-key attacker; exact but uncertified)")
     max_seconds: float | None = knob(60.0, gt=0, help="SPEAR's wall-clock budget per reconstruction")
     max_samples: int = knob(20_000_000, ge=1, help="SPEAR's budget of sampled row families")
+    chunk: int = knob(4096, ge=16, help="SPEAR's submatrices per batched solve (the time budget is checked between)")
     seed: int = knob(0, help="SPEAR's sampling seed")
 
 
@@ -72,7 +73,7 @@ class KeyLockSpear(Attack):
         prefix = _prefix(obs.model, net)
         gamma, beta = (t.detach().double() for t in block.lock())
         cfg = self.config
-        budget = dict(max_seconds=cfg.max_seconds, max_samples=cfg.max_samples, seed=cfg.seed)
+        budget = dict(max_seconds=cfg.max_seconds, max_samples=cfg.max_samples, chunk=cfg.chunk, seed=cfg.seed)
         W, bias = block.layer.weight.detach().double(), block.layer.bias.detach().double()
         dW, db = grads[f"{prefix}{k}.layer.weight"], grads[f"{prefix}{k}.layer.bias"]
         stats: dict[str, float | int | bool | str] = {"norm": block.norm_mode,

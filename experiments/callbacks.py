@@ -31,6 +31,9 @@ class StudyCallback(Callback):
         except Exception as err:  # noqa: BLE001 - the sweep's results stand even if the report cannot be drawn
             print(f"fedsim: the report failed ({type(err).__name__}: {err}); retry with: fedsim-report {sweep_dir}")
             return
+        from fedsim.console import print_study
+
+        print_study(report.runs, f"{sweep_dir.name}: attack success (mean over rounds and clients) and final accuracy")
         counts = ", ".join(f"{n} {s}" for s in STATUSES if (n := sum(j.status == s for j in report.jobs)))
         print(f"fedsim: {len(report.jobs)} run(s) in {sweep_dir}: {counts}")
         print(f"report: {report.page}")

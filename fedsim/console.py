@@ -110,3 +110,26 @@ class RunConsole:
             table.add_row(*cells)
         self.console.print(table)
         self.console.print(f"results: {directory}")
+
+
+def study_table(runs: Any, title: str) -> Table:
+    """One row per run of a study (`fedsim.report.runs_table`): the setting, attack success, final accuracy."""
+    table = Table(title=title)
+    for name, justify in (("setting", "left"), ("status", "left"), ("exact", "right"), ("PSNR dB", "right"),
+                          ("SSIM", "right"), ("final acc", "right")):
+        table.add_column(name, justify=justify)
+
+    def num(row: Mapping[str, Any], key: str) -> float | None:
+        value = row.get(key)
+        return None if value is None or value != value else float(value)   # NaN: not measured
+
+    for row in runs.to_dict("records"):
+        exact, acc = num(row, "mean_exact"), num(row, "final_accuracy")
+        table.add_row(str(row.get("label") or row.get("run")), str(row.get("status")),
+                      _fmt(None if exact is None else 100 * exact, ".0f", "%"), _fmt(num(row, "mean_psnr"), ".1f"),
+                      _fmt(num(row, "mean_ssim"), ".3f"), _fmt(None if acc is None else 100 * acc, ".1f", "%"))
+    return table
+
+
+def print_study(runs: Any, title: str) -> None:
+    Console(highlight=False, force_terminal=None if sys.stdout.isatty() else False).print(study_table(runs, title))
