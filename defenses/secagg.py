@@ -38,6 +38,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.serverapp import Grid
 
+from fedsim.grids import WrappedGrid
+
 from defenses.base import Defense, register_defense
 from fedsim.config import knob
 from fedsim.errors import ConfigError, FedsimError
@@ -169,7 +171,7 @@ def _speak_legacy(call_next: ClientAppCallable) -> ClientAppCallable:
 
 # --- server side ---------------------------------------------------------------------------------------------------
 
-class SecAggGrid(Grid):
+class SecAggGrid(WrappedGrid):
     """A Grid that turns each broadcast of train instructions into one SecAgg+ round over the inner grid.
 
     Everything else (queries, evaluation) passes through. `last_round` keeps what the server held after the most
@@ -178,33 +180,18 @@ class SecAggGrid(Grid):
 
     def __init__(self, inner: Grid, cfg: SecAggConfig, *, max_weight: float, timeout: float | None = None,
                  batch_size: int | None = None, mode: str = "fedsgd") -> None:
-        self.inner, self.cfg, self.max_weight, self.timeout = inner, cfg, float(max_weight), timeout
+        super().__init__(inner)
+        self.cfg, self.max_weight, self.timeout = cfg, float(max_weight), timeout
         self.batch_size, self.mode = batch_size, mode
         self.last_round: _RoundLog | None = None
 
-    # -- delegation ---------------------------------------------------------------------------------------------
-    def set_run(self, run) -> None:
-        self.inner.set_run(run)
-
-    @property
-    def run(self):
-        return self.inner.run
-
-    def create_message(self, *args, **kwargs) -> Message:
-        return self.inner.create_message(*args, **kwargs)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self.inner.get_node_ids()
-
+    # -- everything but train broadcasts passes through (WrappedGrid) ----------------------------------------
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)
         if any(_is_train_instruction(m) for m in messages):
             raise FedsimError("under defense=secagg, train instructions must go through send_and_receive "
                               "(each is one SecAgg+ round)")
         return self.inner.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self.inner.pull_messages(message_ids)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
@@ -312,38 +299,16 @@ class _RoundLog:
         return sum(entry["arrays"] for stage in self.stages for entry in stage)
 
 
-class _AuditTap(Grid):
+class _AuditTap(WrappedGrid):
     """The grid Flower's workflow talks through: takes the audit and client records off replies, logs the rest."""
 
     def __init__(self, inner: Grid) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.audits: dict[int, ConfigRecord] = {}
         self.client_records: dict[int, ConfigRecord] = {}
         self.log = _RoundLog([])
 
-    def set_run(self, run) -> None:
-        self.inner.set_run(run)
-
-    @property
-    def run(self):
-        return self.inner.run
-
-    def create_message(self, *args, **kwargs) -> Message:
-        return self.inner.create_message(*args, **kwargs)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self.inner.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.inner.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self._tap(self.inner.pull_messages(message_ids))
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        return self._tap(self.inner.send_and_receive(messages, timeout=timeout))
-
-    def _tap(self, replies: Iterable[Message]) -> list[Message]:
+    def on_replies(self, replies: Iterable[Message]) -> list[Message]:
         replies = list(replies)
         stage = []
         for reply in replies:

@@ -13,6 +13,8 @@ import torch
 from flwr.app import Message
 from flwr.serverapp import Grid
 
+from fedsim.grids import WrappedGrid
+
 from fedsim.config import _plain, build_config, knob
 from fedsim.errors import ConfigError, FedsimError
 from fedsim.training import seed_for
@@ -72,38 +74,17 @@ def corrupt(arrays: Mapping[str, torch.Tensor], kind: str) -> dict[str, torch.Te
     return out
 
 
-class LossyGrid(Grid):
+class LossyGrid(WrappedGrid):
     """A Grid that loses the replies of the clients drawn to drop out (the server just never hears back).
 
     Wraps any Grid (in-process, Ray simulation, deployment), so dropouts look the same on every runtime.
     """
 
     def __init__(self, inner: Grid, cfg: FaultConfig, seed: int, partition_of: Mapping[int, int]) -> None:
-        self.inner, self.cfg, self.seed, self.partition_of = inner, cfg, seed, partition_of
+        super().__init__(inner)
+        self.cfg, self.seed, self.partition_of = cfg, seed, partition_of
 
-    def set_run(self, run) -> None:
-        self.inner.set_run(run)
-
-    @property
-    def run(self):
-        return self.inner.run
-
-    def create_message(self, *args, **kwargs) -> Message:
-        return self.inner.create_message(*args, **kwargs)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self.inner.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.inner.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self._drop(self.inner.pull_messages(message_ids))
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        return self._drop(self.inner.send_and_receive(messages, timeout=timeout))
-
-    def _drop(self, replies: Iterable[Message]) -> list[Message]:
+    def on_replies(self, replies: Iterable[Message]) -> list[Message]:
         kept = []
         for reply in replies:
             client = self.partition_of.get(reply.metadata.src_node_id)

@@ -19,7 +19,7 @@ BACKEND = {"client_resources": {"num_cpus": 2, "num_gpus": 0.0},   # one actor: 
 def simulate(tmp_path, name, client_app, **run_config):
     run_config = {"model": "fc", "clients": CLIENTS, "rounds": 2, "final-path": str(tmp_path / f"{name}.pt"),
                   "curious-output": str(tmp_path / name), **run_config}
-    run_simulation(with_run_config(user_server, run_config), client_app, num_supernodes=CLIENTS,
+    run_simulation(with_run_config(user_server, run_config), client_app, num_supernodes=int(run_config["clients"]),
                    backend_config=BACKEND)
     return torch.load(tmp_path / f"{name}.pt")
 
@@ -37,6 +37,15 @@ def test_wrapping_changes_nothing_and_spear_recovers_every_batch_exactly(tmp_pat
     assert len(rows) == CLIENTS * 2
     assert all(r["exact"] == 1.0 and r["certified"] for r in rows), rows
     assert json.loads((tmp_path / "spear" / "status.json").read_text())["state"] == "complete"
+
+
+def test_with_one_client_the_wrapped_run_ends_in_the_same_model_bit_for_bit(tmp_path):
+    """With one client there is no reply order to differ: the wrapper and the audit mod change no bit."""
+    plain = simulate(tmp_path, "plain1", plain_client, clients=1)
+    wrapped = simulate(tmp_path, "spear1", audited_app, clients=1, **{"curious-attack": "spear"})
+    assert all(torch.equal(plain[k], wrapped[k]) for k in plain)
+    rows = [r for r in records(tmp_path / "spear1") if r["kind"] == "attack"]
+    assert len(rows) == 2 and all(r["exact"] == 1.0 for r in rows)
 
 
 def test_without_the_audit_mod_only_what_needs_no_ground_truth_is_recorded(tmp_path):

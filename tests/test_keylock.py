@@ -179,7 +179,7 @@ def test_in_a_federation_no_update_carries_a_lock_layer_and_clients_keep_their_a
 
     SEEN.clear()
     r = fedsim_run(tmp_path, "data=digits", "model.widths=[64]", "fl.rounds=3", "fl.mode=fedavg",
-                   "fl.local_steps=10", "fl.batch_size=16", "fl.lr=0.1", "attack.name=spy_updates",
+                   "fl.local_steps=10", "fl.batch_size=16", "fl.lr=0.1", "attack=analytic", "attack.name=spy_updates",
                    "defense=keylock", "defense.key_dim=128", "output.grid_clients=0")
     assert len(SEEN) == 12
     assert all(not any(is_private(k) for k in update) and "net.1.layer.weight" in update for *_, update, _ in SEEN)

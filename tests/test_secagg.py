@@ -101,7 +101,7 @@ def test_in_the_federation_the_hook_only_ever_sees_the_aggregate(tmp_path):
     from tests.conftest import fedsim_run
 
     args = ("data=digits", "model.widths=[32]", "fl.rounds=2", "fl.batch_size=4", "fl.clients=3",
-            "attack.name=spy_updates")
+            "attack=analytic", "attack.name=spy_updates")
     SEEN.clear()
     plain = fedsim_run(tmp_path, *args, name="plain")
     individual = [u for (rnd, _, u, _) in SEEN if rnd == 1]
