@@ -28,11 +28,8 @@ def records(path):
     return [json.loads(line) for line in (path / "results.jsonl").read_text().splitlines()]
 
 
-def test_wrapping_changes_nothing_and_spear_recovers_every_batch_exactly(tmp_path):
-    plain = simulate(tmp_path, "plain", plain_client)
-    wrapped = simulate(tmp_path, "spear", audited_app, **{"curious-attack": "spear"})
-    # Equal up to float32 rounding: Flower's FedAvg sums the replies in arrival order, which differs between runs.
-    assert all(torch.allclose(plain[k], wrapped[k], rtol=0, atol=1e-6) for k in plain)
+def test_spear_recovers_every_clients_batch_exactly_through_the_audit_mod(tmp_path):
+    simulate(tmp_path, "spear", audited_app, **{"curious-attack": "spear"})
     rows = [r for r in records(tmp_path / "spear") if r["kind"] == "attack"]
     assert len(rows) == CLIENTS * 2
     assert all(r["exact"] == 1.0 and r["certified"] for r in rows), rows
@@ -40,7 +37,8 @@ def test_wrapping_changes_nothing_and_spear_recovers_every_batch_exactly(tmp_pat
 
 
 def test_with_one_client_the_wrapped_run_ends_in_the_same_model_bit_for_bit(tmp_path):
-    """With one client there is no reply order to differ: the wrapper and the audit mod change no bit."""
+    """The wrapper and the audit mod change no bit of training. One client: with several, Flower's FedAvg sums the
+    replies in their arrival order, which varies from run to run (plain runs differ by float32 rounding, ~1e-8)."""
     plain = simulate(tmp_path, "plain1", plain_client, clients=1)
     wrapped = simulate(tmp_path, "spear1", audited_app, clients=1, **{"curious-attack": "spear"})
     assert all(torch.equal(plain[k], wrapped[k]) for k in plain)
