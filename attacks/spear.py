@@ -42,6 +42,7 @@ from attacks.base import Attack, register_attack
 from fedsim.config import knob
 from fedsim.errors import AttackNotApplicable
 from fedsim.threat import Observation, Reconstruction, TrainMeta
+from fedsim.training import single_thread
 
 _F64 = torch.float64
 _TOL_MAX = 1e-3            # loosest zero tolerance; above it the gradient is too noisy for an exact answer
@@ -801,7 +802,19 @@ def reconstruct(
     Stops as soon as a certified reconstruction exists; at the budget returns the most consistent one found with
     `certified=False` (never raises for noisy or pruned gradients). Raises `AttackNotApplicable` without a bias or
     when b >= min(m, n) (then the gradient's rank no longer separates the samples).
+
+    Runs on one intra-op thread: its batched small solves gain nothing from more (measured), and the result is then
+    the same bit for bit on every machine, whatever its core count.
     """
+    with single_thread():
+        return _reconstruct(weight, bias, grad_weight, grad_bias, batch_size, max_samples=max_samples,
+                            max_seconds=max_seconds, tau=tau, tol=tol, subset=subset, chunk=chunk, deflate=deflate,
+                            seed=seed)
+
+
+def _reconstruct(weight: Tensor, bias: Tensor | None, grad_weight: Tensor, grad_bias: Tensor | None,
+                 batch_size: int | None, *, max_samples: int, max_seconds: float | None, tau: float,
+                 tol: float | None, subset: int, chunk: int, deflate: bool, seed: int) -> SpearResult:
     start = time.perf_counter()
     problem, fact, rank = prepare(weight, bias, grad_weight, grad_bias, batch_size, tol=tol, seed=seed)
     gen = torch.Generator().manual_seed(seed + 1)

@@ -38,11 +38,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.serverapp import Grid
 
-from fedsim.grids import WrappedGrid
-
 from defenses.base import Defense, register_defense
 from fedsim.config import knob
 from fedsim.errors import ConfigError, FedsimError
+from fedsim.grids import WrappedGrid
 from fedsim.hook import AGGREGATE_KEY, AUDIT_KEY, CLIENT_KEY, audit_record, read_audit
 
 log = logging.getLogger("fedsim")
@@ -136,7 +135,22 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
 
     if msg.metadata.message_type != MessageType.TRAIN or RECORD_KEY_CONFIGS not in msg.content.config_records:
         return call_next(msg, context)
+    fit_config = msg.content.config_records.get(f"{_FITINS}.config")
+    if fit_config is not None:   # the stage that trains, then quantises the update (Flower's stochastic rounding)
+        np.random.seed(_rounding_seed(fit_config, context))
     return secaggplus_mod(msg, context, _speak_legacy(call_next))
+
+
+def _rounding_seed(fit_config: ConfigRecord, context: Context) -> int:
+    """Flower's SecAgg+ quantiser rounds stochastically with numpy's global generator; seeding it from (run seed,
+    round, partition) makes the aggregate, and so the whole run, repeat exactly. The masks use their own secrets."""
+    import yaml
+
+    from fedsim.client_app import CONFIG_KEY, partition_id
+    from fedsim.training import seed_for
+
+    run_seed = int(yaml.safe_load(str(fit_config[CONFIG_KEY])).get("seed", 0)) if CONFIG_KEY in fit_config else 0
+    return seed_for(run_seed, int(fit_config.get("server-round", 0)), partition_id(context), 7) % 2**32
 
 
 def _speak_legacy(call_next: ClientAppCallable) -> ClientAppCallable:

@@ -114,10 +114,10 @@ class RunConsole:
 
 def study_table(runs: Any, title: str) -> Table:
     """One row per run of a study (`fedsim.report.runs_table`): the setting, attack success, final accuracy."""
-    table = Table(title=title)
-    for name, justify in (("setting", "left"), ("status", "left"), ("exact", "right"), ("PSNR dB", "right"),
-                          ("SSIM", "right"), ("final acc", "right")):
-        table.add_column(name, justify=justify)
+    table = Table(title=title, caption="-: not scored (the attack failed, or no ground truth): see report/runs.csv")
+    table.add_column("setting", justify="left", no_wrap=True)
+    for name in ("exact", "PSNR dB", "SSIM", "final acc"):
+        table.add_column(name, justify="right", no_wrap=True)
 
     def num(row: Mapping[str, Any], key: str) -> float | None:
         value = row.get(key)
@@ -125,9 +125,12 @@ def study_table(runs: Any, title: str) -> Table:
 
     for row in runs.to_dict("records"):
         exact, acc = num(row, "mean_exact"), num(row, "final_accuracy")
-        table.add_row(str(row.get("label") or row.get("run")), str(row.get("status")),
-                      _fmt(None if exact is None else 100 * exact, ".0f", "%"), _fmt(num(row, "mean_psnr"), ".1f"),
-                      _fmt(num(row, "mean_ssim"), ".3f"), _fmt(None if acc is None else 100 * acc, ".1f", "%"))
+        setting = str(row.get("label") or row.get("run")).replace("defense.", "").replace("defense=", "")
+        if row.get("status") != "complete":
+            setting += f" ({row.get('status')})"
+        table.add_row(setting, _fmt(None if exact is None else 100 * exact, ".0f", "%"),
+                      _fmt(num(row, "mean_psnr"), ".1f"), _fmt(num(row, "mean_ssim"), ".3f"),
+                      _fmt(None if acc is None else 100 * acc, ".1f", "%"))
     return table
 
 

@@ -133,3 +133,18 @@ def test_secagg_runs_on_rays_simulation_engine(tmp_path):
     assert r.status["state"] == "complete"
     assert [row["observed"] for row in r.rounds if row["round"] >= 1] == ["aggregate", "aggregate"]
     assert [a["client"] for a in r.attacks()] == [AGGREGATE_CLIENT] * 2 and all(a["batch"] == 12 for a in r.attacks())
+
+
+def test_the_same_seed_gives_the_same_secure_aggregate(tmp_path):
+    """Flower's quantiser rounds stochastically with numpy's global generator: fedsim seeds it per client and round."""
+    from tests.conftest import fedsim_run
+
+    args = ("data=digits", "model.widths=[32]", "fl.rounds=1", "fl.batch_size=4", "fl.clients=2",
+            "attack=analytic", "attack.name=spy_updates", "defense=secagg")
+    runs = []
+    for name in ("first", "second"):
+        SEEN.clear()
+        np.random.seed(len(name))            # whatever the process's generator held before
+        fedsim_run(tmp_path, *args, name=name)
+        runs.append(SEEN[0][2])
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
