@@ -93,7 +93,8 @@ def test_a_killed_run_leaves_its_finished_rounds_and_an_incomplete_marker(tmp_pa
     assert 2 <= done < 4
     assert {r["round"] for r in results} <= set(range(1, done + 2))
     status = json.loads((out / "status.json").read_text())
-    assert status["state"] == "running" and status["rounds_done"] == done    # never "complete"
+    # never "complete"; a kill between a round's line and the status update leaves the status one round behind
+    assert status["state"] == "running" and status["rounds_done"] in (done - 1, done)
     from fedsim.results import run_state
 
     assert run_state(out) == "incomplete"
