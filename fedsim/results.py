@@ -194,11 +194,7 @@ def save_grid(path: str | os.PathLike, originals: torch.Tensor | None, reconstru
                     ha="right", fontsize=8)
     axes[1][0].text(-0.15, 0.5, "recovered", transform=axes[1][0].transAxes, rotation=90, va="center",
                     ha="right", fontsize=8)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(fig, path, title)
 
 
 def _save_row(path: str | os.PathLike, images: torch.Tensor, title: str) -> None:
@@ -214,6 +210,12 @@ def _save_row(path: str | os.PathLike, images: torch.Tensor, title: str) -> None
         _show(axes[i // cols][i % cols], images[i])
     axes[0][0].text(-0.15, 0.5, "recovered", transform=axes[0][0].transAxes, rotation=90, va="center",
                     ha="right", fontsize=8)
+    _finish(fig, path, title)
+
+
+def _finish(fig, path: str | os.PathLike, title: str) -> None:
+    import matplotlib.pyplot as plt
+
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -19,3 +19,21 @@ def fedsim_run(tmp_path, *overrides, name="run"):
     from fedsim.api import run
 
     return run(list(overrides), tmp_path / name)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one intra-op thread for a whole module: on a 2-core machine shared with other jobs, two threads make
+    small double-backward passes ~100x slower."""
+    from fedsim.training import single_thread
+
+    with single_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def patches():
+    """The embedded natural-image crops, 32x32 RGB."""
+    from fedsim.data import load_dataset
+
+    return load_dataset({"name": "patches", "size": 32, "channels": 3})

@@ -16,7 +16,6 @@ from attacks.base import ATTACKS, build_attack
 from attacks.inverting import (DLGConfig, IDLGConfig, InvertingConfig, LocalTraining, invert, looks_pruned,
                                pixel_box, unrolled_update)
 from attacks.matching import cosine_distance, model_gradients
-from fedsim.data import load_dataset
 from fedsim.errors import AttackNotApplicable
 from fedsim.models import build_model
 from fedsim.threat import Observation, TrainMeta
@@ -26,18 +25,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf" / "attack"
 SMALL_CNN = {"name": "cnn", "channels": [16, 32], "hidden": 128}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two intra-op threads on the shared 2-core test machine make small double-backward passes ~100x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def patches():
-    return load_dataset({"name": "patches", "size": 32, "channels": 3})
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py; `patches` comes from there too
 
 
 def psnr(data, reconstruction: torch.Tensor, truth: torch.Tensor) -> list[float]:

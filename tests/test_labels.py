@@ -9,7 +9,6 @@ from attacks.base import build_attack
 from attacks.labels import (LastLinear, find_last_linear, last_layer_gradient, llg_labels, recover_labels,
                             samples_in_update)
 from attacks.matching import model_gradients
-from fedsim.data import load_dataset
 from fedsim.errors import AttackNotApplicable
 from fedsim.models import build_model
 from fedsim.threat import Observation, TrainMeta
@@ -17,18 +16,7 @@ from fedsim.threat import Observation, TrainMeta
 SHAPE = (3, 32, 32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two intra-op threads on the shared 2-core test machine make small double-backward passes ~100x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def patches():
-    return load_dataset({"name": "patches", "size": 32, "channels": 3})
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py; `patches` comes from there too
 
 
 def multiset_accuracy(predicted: torch.Tensor, true: torch.Tensor) -> float:

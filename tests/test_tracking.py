@@ -25,7 +25,6 @@ def test_tracking_is_off_by_default():
 
 @pytest.fixture(scope="module")
 def tracked_run(tmp_path_factory):
-    pytest.importorskip("torch.utils.tensorboard")
     tmp = tmp_path_factory.mktemp("tracking")
     out = tmp / "run"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
