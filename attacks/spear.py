@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -45,7 +45,10 @@ from fedsim.threat import Observation, Reconstruction, TrainMeta
 from fedsim.training import single_thread
 
 _F64 = torch.float64
-_TOL_MAX = 1e-3            # loosest zero tolerance; above it the gradient is too noisy for an exact answer
+_ZERO_SIGMAS = 4.5         # a zero of L q lies within this many noise standard deviations of 0 (Gaussian noise)
+_NOISE_FLOOR = 1.02        # S_b below this many times the noise's largest singular value: the b-th direction is lost
+_EXACT = 1e-3              # relative error up to which a sample counts as exact (as fedsim.metrics' `exact`)
+_CERT_SAFETY = 10.0        # a certified sample's estimated error bound times this must stay within _EXACT
 _OVERSAMPLE = 10           # extra columns of the randomised range finder
 _MIN_PLANE_NORM = 1e-3     # rows closer than this to orthogonal to a family's plane give no angle
 _SAME = 1e-6               # directions with |cos| > 1 - _SAME are the same direction (about 1.4e-3 rad)
@@ -72,6 +75,14 @@ class SpearResult:
     mismatches: ReLU sign violations of the returned answer (0 when certified).
     fit_residual: ||dW - L R|| / ||dW||; bias_residual: ||G 1 - dbias|| / ||dbias||.
     stage: selection stage that produced the answer (1 greedy, 2 swaps, 0 best effort without b candidates).
+    noise_std: estimated noise level of grad_weight (standard deviation per entry, see `Factorisation`).
+    sample_errors: (b,) estimated relative error of each returned sample (see `sample_errors`): a per-sample
+    confidence; a certified answer has every one at most 1e-3 / 10.
+    budget_exhausted: the search stopped at its sample budget or its wall-clock cap without a certified answer
+    (the answer might have improved with more budget; a report must not read it as the defense holding).
+    stop_reason: certified, converged (noisy gradient, further search changed nothing), noise (the batch's
+    weakest direction is below the noise's singular values), solved (b <= 2), samples or seconds (budgets).
+    solver: the search that ran (sampling or dictionary); noise_limited: the noise-floor case of stop_reason.
     """
 
     inputs: Tensor
@@ -89,6 +100,12 @@ class SpearResult:
     fit_residual: float
     bias_residual: float
     stage: int
+    noise_std: float = 0.0
+    sample_errors: Tensor | None = None
+    budget_exhausted: bool = False
+    stop_reason: str = ""
+    solver: str = "sampling"
+    noise_limited: bool = False
 
 
 @dataclass(frozen=True)
@@ -97,12 +114,16 @@ class Factorisation:
 
     singular_values: the leading singular values of dW found by the range finder (descending).
     noise: s_{b+1} / s_b, the part of dW outside rank b seen from its weakest direction (0 if not measured).
+    noise_std: estimated standard deviation of the entries of dW outside its rank-b part,
+    ||dW - L R||_F / sqrt((m - b)(n - b)) (the residual of a rank-b fit to signal plus i.i.d. noise has that many
+    degrees of freedom): DP noise, quantisation, float32 rounding of a FedAvg delta, all seen the same way.
     """
 
     L: Tensor
     R: Tensor
     singular_values: Tensor
     noise: float
+    noise_std: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -165,18 +186,26 @@ def factorise(grad_weight: Tensor, batch_size: int | None, gen: torch.Generator)
     tail = float(S[b] / S[b - 1]) if S.numel() > b and S[b - 1] > 0 else 0.0
     L = U[:, :b].contiguous()
     R = (S[:b, None] * Vh[:b]).contiguous()
-    return Factorisation(L, R, S, tail), rank
+    dof = (m - b) * (n - b)
+    noise_std = float(torch.linalg.matrix_norm(grad_weight - L @ R) / math.sqrt(dof)) if dof > 0 else 0.0
+    return Factorisation(L, R, S, tail, noise_std), rank
 
 
-def zero_tolerance(noise: float, dtype: torch.dtype) -> float:
-    """Relative tolerance under which |<l_j, q>| / ||l_j|| counts as zero (unit q).
+def zero_tolerance(noise_std: float, weakest: float, row_rms: float, dtype: torch.dtype) -> float:
+    """Relative tolerance under which |<l_j, q>| / ||l_j|| counts as zero (unit q). No fixed cap.
 
-    On exact float32 gradients the true zeros of L q measure 0.1..0.4 x noise (noise = s_{b+1} / s_b, the error
-    of the rank-b subspace) while true non-zeros stay above 1e-5, so 30 x noise separates them; the floor is a few
-    hundred ulps of the input dtype, the ceiling `_TOL_MAX` the point past which zeros are not identifiable.
+    Noise model: dW = G X^T + N with N i.i.d. of standard deviation `noise_std` (estimated from the rank-b residual,
+    see `Factorisation`). Then L = dW V_b S_b^-1, so <l_j, q> of a unit direction q carries noise of standard
+    deviation noise_std * ||S_b^-1 q|| <= noise_std / s_b on every row (measured: the zeros of the true columns of
+    G have exactly this spread, from float32 rounding up to DP noise of sigma = 1e-4). A zero is taken within
+    `_ZERO_SIGMAS` of it, relative to a row of typical norm `row_rms`. The floor, a few hundred ulps of the
+    gradient's dtype, is what the exact search was tuned on: it rules whenever the gradient is exact, so noise-free
+    results and timings are those of the exact algorithm. The tolerance grows with 1/s_b only through noise: on an
+    exact gradient an ill-conditioned batch (near-duplicate samples) does not widen it.
     """
     floor = 100 * torch.finfo(dtype).eps if dtype.is_floating_point else 1e-12
-    return float(min(_TOL_MAX, max(30.0 * noise, floor, 1e-12)))
+    noisy = _ZERO_SIGMAS * noise_std / max(weakest, 1e-300) / max(row_rms, 1e-300)
+    return float(max(noisy, floor, 1e-12))
 
 
 # --- steps 2-3: sampling families of proposals and the sparsity filter -------------------------------------------------
@@ -400,7 +429,8 @@ class Problem:
 
     L: (m, b) orthonormal, R: (b, n), WR: (m, b) = W R^T, bias: (m,), grad_bias: (m,), Lt_bias: (b,) = L^T dbias,
     W_norm: (m,) row norms of W, unit_rows: (m, b) rows of L over their norms (0 for dead rows), tol: relative zero
-    tolerance, fit_residual: ||dW - L R|| / ||dW||.
+    tolerance, fit_residual: ||dW - L R|| / ||dW||, noise_std: the noise estimate of `Factorisation`,
+    singular_values: (b,) s_1..s_b, row_norm: (m,) ||l_j||, W: (m, n) the layer's weight.
     """
 
     L: Tensor
@@ -413,6 +443,16 @@ class Problem:
     W_norm: Tensor
     tol: float
     fit_residual: float
+    noise_std: float = 0.0
+    singular_values: Tensor | None = None
+    row_norm: Tensor | None = None
+    W: Tensor | None = None
+    floor: float = 0.0
+    WR_after: Tensor | None = None
+    bias_after: Tensor | None = None
+    sampling_tol: float = 0.0
+    move_norm: Tensor | None = None
+    move_bias: Tensor | None = None
 
 
 def disaggregate(problem: Problem, directions: Tensor) -> tuple[Tensor, Tensor]:
@@ -445,7 +485,17 @@ def certify(problem: Problem, Q: Tensor) -> tuple[Tensor, Tensor]:
     Z = problem.WR @ Qinv.mT + problem.bias[:, None]                               # (P, m, b)
     band = problem.tol * (problem.W_norm[:, None] * x_norm[:, None, :] + problem.bias.abs()[:, None])
     dots = (problem.unit_rows @ (Q / Q.norm(dim=1, keepdim=True))).abs()            # (P, m, b)
-    wrong = ((dots <= problem.tol / 30) & (Z > band)) | ((dots > problem.tol) & (Z < -band))
+    positive, negative = Z > band, Z < -band
+    if problem.WR_after is not None:
+        # Several local steps: a sample's ReLU pattern was set at some step in between. Judge only entries whose
+        # sign holds at both ends with a margin as wide as the movement itself (an intermediate step cannot cross).
+        # A step may move Z by more than the round's net change (a later step can take it back), so the margin
+        # is the Cauchy-Schwarz bound of the whole movement, ||dW_j|| ||x_i|| + |db_j|, not |Z_after - Z|.
+        Z_after = problem.WR_after @ Qinv.mT + problem.bias_after[:, None]
+        wide = band + (problem.move_norm[:, None] * x_norm[:, None, :] + problem.move_bias[:, None])
+        positive = (Z > wide) & (Z_after > wide)
+        negative = (Z < -wide) & (Z_after < -wide)
+    wrong = ((dots <= problem.tol / 30) & positive) | ((dots > problem.tol) & negative)
     bias_res = (Q.sum(2) @ problem.L.T - problem.grad_bias).norm(dim=1)
     return wrong.sum(dim=(1, 2)), bias_res / problem.grad_bias.norm().clamp_min(1e-300)
 
@@ -494,7 +544,7 @@ def select(problem: Problem, cands: Candidates, b: int, swaps: int = 4, batch: i
     the one with the fewest sign violations, up to `swaps` rounds. None with fewer than b independent candidates.
     """
     order = cands.order()
-    sel = independent_greedy(cands.directions, order, b, max(1e-6, 100 * problem.tol))
+    sel = independent_greedy(cands.directions, order, b, min(0.1, max(1e-6, 100 * problem.tol)))
     if len(sel) < b:
         return None
     mism, bias_res, Q = score(problem, cands, torch.tensor([sel]))
@@ -769,6 +819,113 @@ def _parallel_to_earlier(q: Tensor) -> Tensor:
     return torch.tril((q @ q.T).abs() > 1 - _SAME, diagonal=-1).any(dim=1)
 
 
+# --- the dictionary search: sparsest directions of the span of L ---------------------------------------------------------
+
+def direction_noise(problem: Problem, directions: Tensor) -> Tensor:
+    """Standard deviation of the noise on <l_j, q> for each unit direction q (c, b): noise_std * ||S_b^-1 q||,
+    never below the dtype floor of the zero test (see `zero_tolerance`). Returns (c,), absolute (raw rows of L)."""
+    S = problem.singular_values
+    floor = problem.floor * float(problem.row_norm[problem.row_norm > 0].pow(2).mean().sqrt())
+    return (problem.noise_std * (directions / S[None, :]).norm(dim=1)).clamp_min(floor / _ZERO_SIGMAS)
+
+
+def sparse_directions(L: Tensor, starts: Tensor, problem: Problem, iters: int = 40) -> Tensor:
+    """Local minimisers of ||L q||_1 over the unit sphere by iteratively reweighted least squares, from `starts`.
+
+    L: (m', b) raw active rows; starts: (K, b) unit. Each column q_i of the disaggregation makes L q_i zero on about
+    half of the rows (ReLU), so it is a sharp local minimum of the l1 norm over the sphere (dual principal component
+    pursuit, Tsakiris & Vidal 2018; the l1 view of sparsely-used dictionary learning, Spielman, Wang & Wright 2012,
+    that SPEAR++ takes). One IRLS step solves min sum_j w_j <l_j, q>^2 with w_j = 1 / max(|<l_j, q>|, delta): the
+    smallest eigenvector of the weighted Gram matrix, for all K starts in one batched call. delta is the noise level
+    of the direction, so under noise the minimiser averages the zero rows instead of chasing their noise.
+    Returns (K, b) unit directions.
+    """
+    q = starts
+    for _ in range(iters):
+        delta = direction_noise(problem, q)
+        w = 1.0 / (L @ q.T).abs().clamp_min(delta[None, :])                          # (m', K)
+        gram = torch.einsum("jk,ja,jc->kac", w, L, L)
+        _, vecs = torch.linalg.eigh(gram)
+        new = vecs[:, :, 0]
+        new = new * torch.where((new * q).sum(1) < 0, -1.0, 1.0)[:, None]
+        moved = (new - q).norm(dim=1)
+        q = new
+        if bool((moved < 1e-12).all()):
+            break
+    return q
+
+
+def noisy_zero_mask(problem: Problem, L: Tensor, directions: Tensor) -> Tensor:
+    """(m', c) bool: |<l_j, q>| within `_ZERO_SIGMAS` noise standard deviations of zero (raw rows, per direction)."""
+    return (L @ directions.T).abs() <= _ZERO_SIGMAS * direction_noise(problem, directions)[None, :]
+
+
+def weighted_refine(L: Tensor, directions: Tensor, mask: Tensor) -> Tensor:
+    """Least-squares kernel of each direction's zero rows, raw rows (the noise on <l_j, q> does not depend on j)."""
+    gram = torch.einsum("jc,ja,jb->cab", mask.to(_F64), L, L)
+    _, vecs = torch.linalg.eigh(gram)
+    q = vecs[:, :, 0]
+    return q * torch.where((q * directions).sum(1) < 0, -1.0, 1.0)[:, None]
+
+
+@dataclass
+class DictionarySearch:
+    """Candidates as sparse directions of span(L) found by IRLS from random starts (see `sparse_directions`).
+
+    Each round draws `starts` random unit directions, runs IRLS, refines the results on their zero rows, and adds
+    those with at least `min_zeros` zeros to the pool (masks, counts and de-duplication as the sampling search).
+    `samples` counts starts: the budget `max_samples` is spent one start at a time here.
+    """
+
+    problem: Problem
+    L: Tensor
+    pool: Tensor
+    m: int
+    min_zeros: int
+    cands: Candidates
+    samples: int = 0
+    proposals: int = 0
+
+    def round(self, starts: int, gen: torch.Generator) -> None:
+        b = self.L.shape[1]
+        q0 = torch.randn(starts, b, generator=gen, dtype=_F64)
+        q0 = q0 / q0.norm(dim=1, keepdim=True)
+        q = sparse_directions(self.L, q0, self.problem)
+        self.samples += starts
+        self.proposals += starts
+        for _ in range(2):
+            q = weighted_refine(self.L, q, noisy_zero_mask(self.problem, self.L, q))
+        zeros = noisy_zero_mask(self.problem, self.L, q)
+        counts = zeros.sum(0)
+        keep = counts >= self.min_zeros
+        q, zeros, counts = q[keep], zeros[:, keep], counts[keep]
+        # One representative per direction: the same column reached from many starts differs by noise only.
+        order = torch.argsort(counts, descending=True, stable=True)
+        q, zeros, counts = q[order], zeros[:, order], counts[order]
+        same = _same_direction(q, zeros)
+        first = ~torch.tril(same, diagonal=-1).any(dim=1)
+        q, zeros, counts = q[first], zeros[:, first], counts[first]
+        known = self.cands.masks[self.pool] if len(self.cands) else None
+        if known is not None and q.shape[0]:
+            inter = zeros.to(_F64).T @ known.to(_F64)
+            union = zeros.sum(0)[:, None] + known.sum(0)[None, :] - inter
+            fresh = ~((inter / union.clamp_min(1)) > 0.9).any(dim=1)
+            q, zeros, counts = q[fresh], zeros[:, fresh], counts[fresh]
+        if q.shape[0]:
+            masks = torch.ones(self.m, q.shape[0], dtype=torch.bool)
+            masks[self.pool] = zeros
+            self.cands.add(q, counts, masks)
+
+
+def _same_direction(q: Tensor, zeros: Tensor) -> Tensor:
+    """(c, c) bool: directions whose zero sets agree on more than 90% of their union (the same column)."""
+    z = zeros.to(_F64)
+    inter = z.T @ z
+    sizes = z.sum(0)
+    union = sizes[:, None] + sizes[None, :] - inter
+    return (inter / union.clamp_min(1)) > 0.9
+
+
 # --- the algorithm ----------------------------------------------------------------------------------------------------
 
 def reconstruct(
@@ -785,70 +942,124 @@ def reconstruct(
     subset: int = 12,
     chunk: int = 4096,
     deflate: bool = True,
+    solver: str = "auto",
+    weight_after: Tensor | None = None,
+    bias_after: Tensor | None = None,
     seed: int = 0,
 ) -> SpearResult:
     """SPEAR on one Linear layer followed by ReLU. Shapes as torch.nn.Linear:
 
     weight: (m, n), bias: (m,), grad_weight: (m, n), grad_bias: (m,), any float dtype (float64 inside).
-    batch_size: b, or None to estimate it as the numerical rank of grad_weight (reported in the result).
-    max_samples: budget of sampled (b-2)-row families; max_seconds: wall-clock budget (None: no limit).
+    batch_size: b (distinct samples in the update), or None to estimate it as the numerical rank of grad_weight.
+    max_samples: the search budget, counted (deterministic): sampled (b-2)-row families for the sampling solver,
+    IRLS starts for the dictionary solver. max_seconds: a wall-clock safety net only (None: none); when it stops
+    the search the result says so (`stop_reason` "seconds", `budget_exhausted`), since then the answer depends on
+    the machine's speed.
     tau: a direction is a candidate when L q is zero on at least tau x m' rows (m' = active rows).
-    tol: relative zero tolerance (None: from the gradient's own rank-b residual, see `zero_tolerance`).
+    tol: relative zero tolerance (None: from the gradient's own noise level, see `zero_tolerance`).
     subset: rows on which each family's proposals are screened before a full count; chunk: families per batch.
     deflate: condition later families on directions already found (see `Search.sample`); False samples exactly
     as the paper does.
-    seed: seeds the sketch and the sampling (the result is deterministic given the inputs and the seed).
+    solver: "sampling" (SPEAR's search), "dictionary" (sparse directions by IRLS, `DictionarySearch`), or "auto":
+    sampling on exact gradients, dictionary when the gradient is noisy (noise above the dtype floor).
+    weight_after, bias_after: the layer after the client's local training (FedAvg with several steps): the ReLU
+    pattern of each sample was set somewhere between the two, so the certificate judges only the entries whose
+    sign agrees at both ends.
+    seed: seeds the sketch and the search (the result is deterministic given the inputs and the seed).
 
-    Stops as soon as a certified reconstruction exists; at the budget returns the most consistent one found with
-    `certified=False` (never raises for noisy or pruned gradients). Raises `AttackNotApplicable` without a bias or
-    when b >= min(m, n) (then the gradient's rank no longer separates the samples).
+    Stops as soon as a certified reconstruction exists; on a noisy gradient, once further search stops changing
+    the selection; otherwise at the budget. Never raises on a finite gradient of a valid shape: without an exact
+    answer it returns the most consistent one it found, `certified=False`, with per-sample error estimates. Raises
+    `AttackNotApplicable` without a bias, on a non-finite gradient, or when b >= min(m, n).
 
     Runs on one intra-op thread: its batched small solves gain nothing from more (measured), and the result is then
     the same bit for bit on every machine, whatever its core count.
     """
+    if solver not in ("auto", "sampling", "dictionary"):
+        raise ValueError(f"solver must be one of auto, sampling, dictionary; got {solver!r}")
     with single_thread():
         return _reconstruct(weight, bias, grad_weight, grad_bias, batch_size, max_samples=max_samples,
                             max_seconds=max_seconds, tau=tau, tol=tol, subset=subset, chunk=chunk, deflate=deflate,
-                            seed=seed)
+                            solver=solver, weight_after=weight_after, bias_after=bias_after, seed=seed)
 
 
 def _reconstruct(weight: Tensor, bias: Tensor | None, grad_weight: Tensor, grad_bias: Tensor | None,
                  batch_size: int | None, *, max_samples: int, max_seconds: float | None, tau: float,
-                 tol: float | None, subset: int, chunk: int, deflate: bool, seed: int) -> SpearResult:
+                 tol: float | None, subset: int, chunk: int, deflate: bool, solver: str,
+                 weight_after: Tensor | None, bias_after: Tensor | None, seed: int) -> SpearResult:
     start = time.perf_counter()
-    problem, fact, rank = prepare(weight, bias, grad_weight, grad_bias, batch_size, tol=tol, seed=seed)
+    problem, fact, rank = prepare(weight, bias, grad_weight, grad_bias, batch_size, tol=tol, seed=seed,
+                                  weight_after=weight_after, bias_after=bias_after)
     gen = torch.Generator().manual_seed(seed + 1)
     m, b = problem.L.shape
     active = problem.unit_rows.abs().sum(dim=1) > 0
     pool = torch.nonzero(active).flatten()
+    noisy = problem.tol > problem.floor * (1 + 1e-9)
+    m_act, n = pool.numel(), weight.shape[1]
+    # Below the noise's own largest singular value (Marchenko-Pastur edge) the b-th direction of the batch is lost
+    # in the noise: no search can find all columns, so none is run beyond a short look.
+    edge = problem.noise_std * (math.sqrt(max(m - b, 1)) + math.sqrt(max(n - b, 1)))
+    lost = noisy and float(problem.singular_values[-1]) <= _NOISE_FLOOR * edge
+    use_dictionary = solver == "dictionary" or (solver == "auto" and noisy)
+    if not (use_dictionary or lost):
+        problem = replace(problem, tol=problem.sampling_tol)
     tol_zero = problem.tol
-    # The rank-b fit must explain dW to the precision the zero test assumes, or nothing can be certified.
-    fit_ok = problem.fit_residual <= 10 * tol_zero
-    search = Search(
-        act_rows=problem.unit_rows[pool], pool=pool, m=m,
-        min_zeros=max(b - 1, math.ceil(tau * pool.numel())), min_run=max(4, math.ceil(0.01 * pool.numel())),
-        tol=tol_zero, pair_tol=min(1e-2, 10.0 * tol_zero), count_tol=min(1e-2, 10.0 * tol_zero),
-        cands=Candidates.empty(m, b))
+    min_zeros = max(b - 1, math.ceil(tau * m_act))
+    cands = Candidates.empty(m, b)
+    if use_dictionary or lost:
+        search = DictionarySearch(problem=problem, L=problem.L[pool], pool=pool, m=m, min_zeros=min_zeros,
+                                  cands=cands)
+    else:
+        search = Search(
+            act_rows=problem.unit_rows[pool], pool=pool, m=m, min_zeros=min_zeros,
+            min_run=max(4, math.ceil(0.01 * m_act)), tol=tol_zero, pair_tol=min(1e-2, 10.0 * tol_zero),
+            count_tol=min(1e-2, 10.0 * tol_zero), cands=cands)
 
-    # Steps 2-4, interleaved: sample until a selection of b candidates passes the certificate. Stage 1 is tried
-    # whenever the pool changes; the costlier stage 2 on a geometric schedule (after 2x more samples each time).
     best: Selection | None = None
+    stop_reason = "samples"
 
     def attempt(swaps: int) -> bool:
         nonlocal best
         found = select(problem, search.cands, b, swaps)
         if found is not None and (best is None or found.consistency.mismatches < best.consistency.mismatches):
             best = found
-        return best is not None and best.consistency.mismatches == 0 and fit_ok
+        return best is not None and best.consistency.mismatches == 0 and not noisy
+
+    def out_of_time() -> bool:
+        return max_seconds is not None and time.perf_counter() - start > max_seconds
 
     if b == 1:
         search.cands.add(torch.ones(1, 1, dtype=_F64), (~active).sum().view(1), (~active)[:, None].clone())
+        stop_reason = "solved"
+    elif lost:
+        search.round(min(max_samples, 4 * b), gen)
+        stop_reason = "noise"
+    elif isinstance(search, DictionarySearch):
+        # Rounds of IRLS starts until the selection is certified, or (noisy gradient) until a round adds nothing
+        # that changes it: further starts then only find the same columns again.
+        starts, stable = max(64, 4 * b), 0
+        while search.samples < max_samples:
+            if out_of_time():
+                stop_reason = "seconds"
+                break
+            before = (search.cands.version, None if best is None else best.indices)
+            search.round(min(starts, max_samples - search.samples), gen)
+            if len(search.cands) >= b and attempt(swaps=4):
+                stop_reason = "certified"
+                break
+            after = (search.cands.version, None if best is None else best.indices)
+            stable = stable + 1 if (best is not None and after[1] == before[1]) else 0
+            if noisy and best is not None and stable >= 2:
+                stop_reason = "converged"
+                break
     elif b == 2:
         search.screen_plane()
+        stop_reason = "solved"
     elif pool.numel() - (b - 2) >= 2:
         size, tried, next_swaps, batches = 64, -1, 0, 0
         while search.samples < max_samples:
-            if max_seconds is not None and time.perf_counter() - start > max_seconds:
+            if out_of_time():
+                stop_reason = "seconds"
                 break
             # Deflated families on three batches in four, uniform ones on the fourth (the paper's distribution),
             # so that a column whose zeros overlap the found ones' poorly is still reached.
@@ -861,10 +1072,12 @@ def _reconstruct(weight: Tensor, bias: Tensor | None, grad_weight: Tensor, grad_
             if search.cands.version != tried:
                 tried = search.cands.version
                 if attempt(swaps=0):
+                    stop_reason = "certified"
                     break
             if search.samples >= next_swaps:
                 next_swaps = 2 * search.samples
                 if attempt(swaps=4):
+                    stop_reason = "certified"
                     break
     if len(search.cands) >= b and not (best is not None and best.consistency.mismatches == 0):
         attempt(swaps=4)
@@ -875,18 +1088,69 @@ def _reconstruct(weight: Tensor, bias: Tensor | None, grad_weight: Tensor, grad_
         Q, stage = best_effort(problem, search.cands, b, gen), 0
         mism, bias_res = certify(problem, Q[None])
         cons = Consistency(int(mism[0]), float(bias_res[0]))
-    inputs = torch.linalg.solve(Q, fact.R)
-    certified = stage > 0 and cons.mismatches == 0 and fit_ok and cons.bias_residual <= 10 * tol_zero
+    inputs = _solve_inputs(Q, fact.R)
+    errors = sample_errors(problem, Q, inputs)
+    fit_ok = problem.fit_residual <= 10 * tol_zero
+    certified = (stage > 0 and cons.mismatches == 0 and fit_ok and cons.bias_residual <= 10 * tol_zero
+                 and bool((_CERT_SAFETY * errors <= _EXACT).all()))
+    if certified:
+        stop_reason = "certified"
+    exhausted = not certified and stop_reason in ("samples", "seconds")
     return SpearResult(
         inputs=inputs, grad_out=problem.L @ Q, certified=bool(certified), samples=search.samples,
         proposals=search.proposals, candidates=len(search.cands), seconds=time.perf_counter() - start,
         batch_size=b, batch_size_estimated=None if batch_size is not None else rank, rank=rank, tol=tol_zero,
         mismatches=cons.mismatches, fit_residual=problem.fit_residual, bias_residual=cons.bias_residual,
-        stage=stage)
+        stage=stage, noise_std=problem.noise_std, sample_errors=errors, budget_exhausted=exhausted,
+        stop_reason=stop_reason, solver="dictionary" if isinstance(search, DictionarySearch) else "sampling",
+        noise_limited=lost)
+
+
+def _solve_inputs(Q: Tensor, R: Tensor) -> Tensor:
+    """X^T = Q^-1 R, by least squares where Q is singular to working precision (never raises)."""
+    X, info = torch.linalg.solve_ex(Q, R)
+    if int(info) == 0 and bool(torch.isfinite(X).all()):
+        return X
+    return torch.linalg.pinv(Q) @ R
+
+
+def sample_errors(problem: Problem, Q: Tensor, inputs: Tensor) -> Tensor:
+    """First-order estimate of each returned sample's relative error ||x_hat_i - x_i|| / ||x_i||. Returns (b,).
+
+    Each column q_i is the least-squares kernel of its zero rows Z_i; noise of standard deviation s_i on those rows
+    (`direction_noise`) tilts it by about s_i sqrt(sum_{k>=2} 1/lambda_k(L_Z^T L_Z)). The smallest of those
+    eigenvalues is what pins q_i down: when two samples are near-duplicates, the rows that tell their columns apart
+    are few, lambda_2 is small and the estimate grows (a direction between the two is then as consistent as either).
+    A zero set with a second null direction (lambda_2 ~ 0) gives an infinite estimate. The tilts reach x_i through
+    X^T = Q^-1 R (dX^T = -Q^-1 dQ X^T); the noise of R itself (noise_std per entry) through the row of Q^-1.
+    """
+    b = Q.shape[1]
+    norms = Q.norm(dim=0).clamp_min(1e-300)
+    qbar = (Q / norms).T                                                           # (b, b) unit columns as rows
+    active = problem.row_norm > 0
+    L = problem.L[active]
+    zeros = noisy_zero_mask(problem, L, qbar)   # the noise's own threshold: a wide search tolerance would add rows
+    sigma = problem.noise_std * (qbar / problem.singular_values[None, :]).norm(dim=1)
+    gram = torch.einsum("jc,ja,jd->cad", zeros.to(_F64), L, L)
+    lam = torch.linalg.eigvalsh(gram)                                              # (b, b) ascending
+    if b > 1:
+        tilt = sigma * (1.0 / lam[:, 1:].clamp_min(1e-300)).sum(1).sqrt()
+    else:
+        tilt = torch.zeros(1, dtype=_F64)
+    Qinv = torch.linalg.pinv(Q)
+    x_norm = inputs.norm(dim=1).clamp_min(1e-300)
+    # dx_i = -sum_l (Q^-1 dq_l)_i x_l with ||dq_l|| = tilt_l ||q_l||: root-sum-square over l (independent tilts).
+    spread = (Qinv.abs() * (tilt * norms)[None, :]) * x_norm[None, :]                 # (b, b)
+    from_dirs = spread.pow(2).sum(1).sqrt()
+    n = problem.R.shape[1]
+    from_R = Qinv.norm(dim=1) * problem.noise_std * math.sqrt(n)
+    err = (from_dirs + from_R) / x_norm
+    return torch.where(torch.isfinite(err), err, torch.full_like(err, math.inf))
 
 
 def prepare(weight: Tensor, bias: Tensor | None, grad_weight: Tensor, grad_bias: Tensor | None,
-            batch_size: int | None, *, tol: float | None = None, seed: int = 0) -> tuple[Problem, Factorisation, int]:
+            batch_size: int | None, *, tol: float | None = None, seed: int = 0, weight_after: Tensor | None = None,
+            bias_after: Tensor | None = None) -> tuple[Problem, Factorisation, int]:
     """Step 1 and everything fixed for one call: checks, float64 copies, dW = L R, the zero tolerance.
 
     Returns the Problem, the factorisation and the numerical rank of grad_weight. Raises AttackNotApplicable without
@@ -903,21 +1167,38 @@ def prepare(weight: Tensor, bias: Tensor | None, grad_weight: Tensor, grad_bias:
                                   f"got b={batch_size}")
     W, bias64 = weight.detach().to(_F64), bias.detach().to(_F64)
     dW, db = grad_weight.detach().to(_F64), grad_bias.detach().to(_F64)
+    if not (torch.isfinite(dW).all() and torch.isfinite(db).all()):
+        raise AttackNotApplicable("spear needs a finite gradient (the update holds NaN or inf)")
     fact, rank = factorise(dW, batch_size, torch.Generator().manual_seed(seed))
     b = fact.L.shape[1]
     if b >= min(m, n):  # an estimated rank this large is noise, not a batch: keep the largest admissible b
         b = min(m, n) - 1
-        fact = Factorisation(fact.L[:, :b].contiguous(), fact.R[:b].contiguous(), fact.singular_values, 1.0)
+        fact = Factorisation(fact.L[:, :b].contiguous(), fact.R[:b].contiguous(), fact.singular_values, 1.0,
+                             fact.noise_std)
     L = fact.L
     row_norm = L.norm(dim=1)
     active = row_norm > row_norm.max().clamp_min(1e-300) * 1e-6  # rows of dead ReLUs are zero up to rounding
     unit_rows = torch.zeros_like(L)
     unit_rows[active] = L[active] / row_norm[active, None]
     fit_res = float((dW - L @ fact.R).norm() / dW.norm().clamp_min(1e-300))
+    S_b = fact.singular_values[:b].clamp_min(1e-300)
+    row_rms = float(row_norm[active].pow(2).mean().sqrt()) if bool(active.any()) else 1.0
+    noise_tol = zero_tolerance(fact.noise_std, float(S_b[-1]), row_rms, grad_weight.dtype)
+    # The sampling search screens angles from (b-2)-row solves, far less precise than the rows themselves: on an
+    # exact gradient it keeps the tolerance it was tuned with, 30 x s_{b+1} / s_b within [floor, 1e-3].
+    floor = zero_tolerance(0.0, 1.0, 1.0, grad_weight.dtype)
+    sampling_tol = float(min(1e-3, max(30.0 * fact.noise, floor)))
     problem = Problem(
         L=L, unit_rows=unit_rows, R=fact.R, WR=W @ fact.R.T, bias=bias64, grad_bias=db, Lt_bias=L.T @ db,
-        W_norm=W.norm(dim=1), tol=tol if tol is not None else zero_tolerance(fact.noise, grad_weight.dtype),
-        fit_residual=fit_res)
+        W_norm=W.norm(dim=1), tol=tol if tol is not None else noise_tol, fit_residual=fit_res,
+        sampling_tol=tol if tol is not None else sampling_tol,
+        noise_std=fact.noise_std, singular_values=S_b, row_norm=row_norm, W=W,
+        floor=floor,
+        WR_after=None if weight_after is None else weight_after.detach().to(_F64) @ fact.R.T,
+        bias_after=None if weight_after is None else (bias64 if bias_after is None else bias_after.detach().to(_F64)),
+        move_norm=None if weight_after is None else (weight_after.detach().to(_F64) - W).norm(dim=1),
+        move_bias=None if weight_after is None else (
+            (bias_after.detach().to(_F64) - bias64).abs() if bias_after is not None else torch.zeros_like(bias64)))
     return problem, fact, rank
 
 
@@ -1005,6 +1286,8 @@ class Spear(Attack):
         deflate: bool = knob(True, help="condition later samples on found columns; false: the paper's uniform sampling")
         batch_size: str = knob("meta", choices=("meta", "estimate"),
                                help="b from the threat model (meta.batch_size; estimated when not granted) or always estimated")
+        solver: str = knob("auto", choices=("auto", "sampling", "dictionary"),
+                           help="search: SPEAR's sampling, sparse directions by IRLS, or auto (dictionary on noisy gradients)")
         seed: int = knob(0, help="seed of the sketch and of the sampling")
 
     def check(self, model: nn.Module, meta: TrainMeta) -> None:
@@ -1020,21 +1303,44 @@ class Spear(Attack):
         prefix, layer = first_linear_relu(obs.model)
         grads = obs.gradient()
         cfg = self.config
-        b = obs.meta.batch_size if cfg.batch_size == "meta" else None
-        if b is not None and obs.meta.num_examples is not None and obs.meta.local_steps in (None, 1):
-            b = min(b, obs.meta.num_examples)  # one step on a client holding fewer examples than a batch
+        b = distinct_samples(obs.meta) if cfg.batch_size == "meta" else None
+        after: dict[str, Tensor] = {}
+        if obs.meta.mode == "fedavg" and (obs.meta.local_steps or 1) > 1:
+            # The weights moved during local training: the certificate judges signs that agree at both ends.
+            after = {k: getattr(layer, k).detach() + obs.update[f"{prefix}.{k}"] for k in ("weight", "bias")}
         result = reconstruct(
             layer.weight, layer.bias, grads[f"{prefix}.weight"], grads[f"{prefix}.bias"], b,
             max_samples=cfg.max_samples, max_seconds=cfg.max_seconds, tau=cfg.tau, tol=cfg.tol,
-            subset=cfg.subset, chunk=cfg.chunk, deflate=cfg.deflate, seed=cfg.seed)
-        approximate = obs.meta.mode == "fedavg" and (obs.meta.local_steps or 1) > 1
+            subset=cfg.subset, chunk=cfg.chunk, deflate=cfg.deflate, solver=cfg.solver,
+            weight_after=after.get("weight"), bias_after=after.get("bias"), seed=cfg.seed)
         inputs = result.inputs.reshape(result.batch_size, *obs.meta.input_shape).to(layer.weight.dtype)
+        errors = result.sample_errors
         stats: dict[str, float | int | bool | str] = {
             "samples": result.samples, "proposals": result.proposals, "candidates": result.candidates,
             "seconds": round(result.seconds, 4), "batch_size": result.batch_size, "rank": result.rank,
             "mismatches": result.mismatches, "tol": result.tol, "fit_residual": result.fit_residual,
-            "stage": result.stage, "approximate_gradient": approximate}
+            "stage": result.stage, "solver": result.solver, "stop_reason": result.stop_reason,
+            "budget_exhausted": result.budget_exhausted, "noise_std": result.noise_std,
+            "noise_limited": result.noise_limited,
+            "sample_error_max": float(errors.max()) if errors is not None else math.nan,
+            "samples_pinned": int((_CERT_SAFETY * errors <= _EXACT).sum()) if errors is not None else 0}
         if result.batch_size_estimated is not None:
             stats["batch_size_estimated"] = result.batch_size_estimated
         return Reconstruction(inputs=inputs, certified=result.certified, matching_loss=result.fit_residual,
                               stats=stats)
+
+
+def distinct_samples(meta: TrainMeta) -> int | None:
+    """The rank the update really has: the distinct samples it was computed on (None when b is not granted).
+
+    FedSGD: one batch, at most the client's examples. FedAvg with T local steps of batch B: the update is
+    sum_t G_t X_t^T, of rank min(T B, examples) (batches without replacement, a new epoch reshuffles the same
+    samples), with the inputs as its right factor whatever the steps (only the ReLU patterns move with W).
+    """
+    if meta.batch_size is None:
+        return None
+    steps = 1 if meta.mode == "fedsgd" else (meta.local_steps or 1)
+    b = meta.batch_size * steps
+    if meta.num_examples is not None:
+        b = min(b, meta.num_examples)
+    return b
