@@ -182,17 +182,19 @@ class FLConfig:
     lr: float = knob(0.1, gt=0.0, help="learning rate (client SGD in fedavg, server step in fedsgd)")
     min_clients: int = knob(1, ge=1, help="a round with fewer healthy replies is skipped")
     timeout: float = knob(600.0, gt=0.0, help="seconds the server waits for a round's replies")
+    send_buffers: bool = knob(True, help="clients send their BatchNorm statistics with the update (false: they stay "
+                                         "on the client, FedBN-style, and the server keeps its own)")
 
 
 @dataclass(frozen=True)
 class ThreatConfig:
-    """What the honest-but-curious server is granted (it set these itself, so all but labels default to true)."""
+    """Training facts the honest-but-curious server is granted (it set these itself, so all but labels default to
+    true). Data a client sends is never hidden from it: what is sent is set on the client (`fl.send_buffers`)."""
 
     batch_size: bool = knob(True, help="the attacker knows the client batch size")
     local_steps: bool = knob(True, help="the attacker knows the number of local steps")
     lr: bool = knob(True, help="the attacker knows the client learning rate")
     labels: bool = knob(False, help="the attacker is given the true labels")
-    buffers: bool = knob(False, help="clients share BatchNorm statistics with their update")
 
 
 @dataclass(frozen=True)
@@ -250,6 +252,11 @@ def validate(cfg: Any, *, deep: bool = True) -> RunConfig:
         if key not in known:
             raise ConfigError(str(key), raw[key], f"a known key ({', '.join(sorted(known - {'hydra'}))})")
     seed = _coerce("seed", raw.get("seed", 0), int)
+    threat_node = _plain(raw.get("threat")) or {}
+    if isinstance(threat_node, Mapping) and "buffers" in threat_node:
+        raise ConfigError("threat.buffers", threat_node["buffers"],
+                          "no such key: the server always sees the BatchNorm statistics clients send; to keep them "
+                          "on the clients set fl.send_buffers=false")
     fl = build_config(FLConfig, raw.get("fl"), "fl")
     if fl.clients_per_round is not None and fl.clients_per_round > fl.clients:
         raise ConfigError("fl.clients_per_round", fl.clients_per_round, f"at most fl.clients={fl.clients}")

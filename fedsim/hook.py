@@ -73,7 +73,6 @@ class ThreatModel:
     num_classes: int | None = None                # None: the output size of the model's last Linear layer
     normalization: Normalization = Normalization()
     grant_labels: bool = False
-    share_buffers: bool = False
 
 
 # --- records ---------------------------------------------------------------------------------------------------
@@ -190,6 +189,7 @@ class CuriousStrategy(Strategy):
         self._global: dict[int, dict[str, Tensor]] = {}
         self._client_ids: dict[int, int] = dict(client_of_node or {})  # node id -> client id
         self._param_names: list[str] | None = None
+        self._buffers: frozenset[str] | None = None
         self.view = view
 
     # -- delegation ---------------------------------------------------------------------------------------------
@@ -275,7 +275,7 @@ class CuriousStrategy(Strategy):
                                              f"error code {reply.error.code}: {reply.error.reason[:300]}"))
                 continue
             client = self._client_of(reply)
-            problem = _check_arrays(reply, self.arrayrecord_key, global_state)
+            problem = _check_arrays(reply, self.arrayrecord_key, global_state, self._buffer_names())
             if problem is not None:
                 kind, detail = problem
                 self.recorder.on_fault(Fault(server_round, client, node, kind, detail))
@@ -301,14 +301,15 @@ class CuriousStrategy(Strategy):
         model.load_state_dict(global_state)
         model.eval()
         params = {name for name, _ in model.named_parameters()}
-        state = named_state({k: torch.from_numpy(v.numpy().copy())
-                             for k, v in reply.content[self.arrayrecord_key].items()}, model)
+        received = {k: torch.from_numpy(v.numpy().copy()) for k, v in reply.content[self.arrayrecord_key].items()}
+        state = named_state(received, model)
+        sent = set(named_state(received, model, fill=False))
         mode = self._mode(state, global_state, params)
         if mode == "fedsgd":
             update = {k: v for k, v in state.items() if k in params}
         else:
             update = {k: state[k] - global_state[k] for k in state if k in params}
-        buffers = {k: v for k, v in state.items() if k not in params} if self.threat.share_buffers else None
+        buffers = {k: v for k, v in state.items() if k not in params and k in sent}  # all the client sent
         meta = self._meta(mode, reply, model, truth, batch_size=batch_size, num_examples=num_examples)
         if grant:
             meta = replace(meta, private={**meta.private, **grant})
@@ -367,21 +368,32 @@ class CuriousStrategy(Strategy):
     def _known_client(self, node: int) -> int | None:
         return self._client_ids.get(node)
 
+    def _buffer_names(self) -> frozenset[str]:
+        """State-dict entries of the model that are not parameters (a client may keep them: fl.send_buffers)."""
+        if self._buffers is None:
+            model = self.model_fn()
+            self._buffers = frozenset(model.state_dict()) - {n for n, _ in model.named_parameters()}
+        return self._buffers
 
-def named_state(arrays: Mapping[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+
+def named_state(arrays: Mapping[str, Tensor], model: nn.Module, *, fill: bool = True) -> dict[str, Tensor]:
     """Arrays keyed by the model's state_dict names.
 
     Flower apps often send `ArrayRecord(list_of_ndarrays)` (keys "0", "1", ...): then the arrays are matched to
-    `model.state_dict()` (or, if fewer, to its parameters) in order, and their shapes must agree.
+    `model.state_dict()` (or, if fewer, to its parameters) in order, and their shapes must agree. Buffers the
+    client did not send (`fl.send_buffers=false`) are taken from `model` when `fill`, else left out.
     """
     reference = model.state_dict()
     if set(reference) <= set(arrays):
         return {k: arrays[k] for k in reference}
+    params = {n for n, _ in model.named_parameters()}
+    if params <= set(arrays) and set(arrays) <= set(reference):  # by name, some buffers withheld
+        return {k: arrays[k] if k in arrays else v for k, v in reference.items() if fill or k in arrays}
     values = list(arrays.values())
     for names in (list(reference), [n for n, _ in model.named_parameters()]):
         if len(names) == len(values) and all(tuple(v.shape) == tuple(reference[n].shape) for n, v in zip(names, values)):
             state = dict(zip(names, values))
-            return {**{k: v for k, v in reference.items() if k not in state}, **state}
+            return {**{k: v for k, v in reference.items() if k not in state and fill}, **state}
     raise ValueError(f"the ArrayRecord's {len(values)} arrays match neither the names nor the order of the model's "
                      f"state_dict ({len(reference)} entries): check model_fn builds the app's model")
 
@@ -404,8 +416,10 @@ def _targeted(client: int, targets: Any) -> bool:
     return client in set(targets)
 
 
-def _check_arrays(reply: Message, key: str, global_state: Mapping[str, Tensor] | None) -> tuple[str, str] | None:
-    """('nan' | 'shape', detail) when the reply's arrays are unusable, else None."""
+def _check_arrays(reply: Message, key: str, global_state: Mapping[str, Tensor] | None,
+                  optional: frozenset[str] = frozenset()) -> tuple[str, str] | None:
+    """('nan' | 'shape', detail) when the reply's arrays are unusable, else None. Names in `optional` (buffers a
+    client may keep to itself) may be missing."""
     arrays = reply.content.array_records.get(key)
     if arrays is None:
         return "shape", f"no ArrayRecord '{key}' in the reply"
@@ -420,8 +434,9 @@ def _check_arrays(reply: Message, key: str, global_state: Mapping[str, Tensor] |
         if np.issubdtype(nd.dtype, np.floating) and not np.isfinite(nd).all():
             return "nan", f"'{name}' holds {int((~np.isfinite(nd)).sum())} non-finite values"
     if global_state is not None and len(arrays) != len(global_state):
-        missing = sorted(set(global_state) - set(arrays.keys()))
-        return "shape", f"missing arrays {missing[:3]}"
+        missing = sorted(set(global_state) - set(arrays.keys()) - optional)
+        if missing:
+            return "shape", f"missing arrays {missing[:3]}"
     return None
 
 

@@ -129,7 +129,7 @@ def run_federation(grid: Grid, run: RunConfig, output: str, *, show_progress: bo
             mode=run.fl.mode, batch_size=run.fl.batch_size if t.batch_size else None,
             local_steps=run.fl.local_steps if t.local_steps else None, lr=run.fl.lr if t.lr else None,
             input_shape=bundle.input_shape, num_classes=bundle.num_classes, normalization=bundle.normalization,
-            grant_labels=t.labels, share_buffers=t.buffers)
+            grant_labels=t.labels)
         hook = CuriousStrategy(strategy, [attack], model_fn, threat, targets=run.targets.targets,
                                sample=run.targets.sample, seed=run.seed, recorder=recorder,
                                min_clients=run.fl.min_clients, client_of_node=partition_of, view=defense.observe)

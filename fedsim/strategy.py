@@ -69,8 +69,7 @@ class FedsimStrategy(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         config["server-round"] = server_round
-        if self.mode == "fedsgd":
-            self._global[server_round] = arrays.to_torch_state_dict()
+        self._global[server_round] = arrays.to_torch_state_dict()
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=self.node_of[p],
                         group_id=str(server_round)) for p in self.sample(server_round)]
@@ -88,8 +87,11 @@ class FedsimStrategy(FedAvg):
             if not valid:
                 return None, None
             contents = [m.content for m in valid]
-            return weighted_mean(contents, self.weighted_by_key), self.train_metrics_aggr_fn(
-                contents, self.weighted_by_key)
+            mean = weighted_mean(contents, self.weighted_by_key)
+            for name, value in (global_state or {}).items():  # buffers no client sent (fl.send_buffers=false)
+                if name not in mean:
+                    mean[name] = Array(value.numpy())
+            return mean, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
         if not valid or global_state is None:
             return None, None
         return self._sgd_step(valid, global_state), self.train_metrics_aggr_fn(
@@ -107,6 +109,9 @@ class FedsimStrategy(FedAvg):
                 buffers.update(info["buffers"])
         new_state = {}
         for name, value in global_state.items():
+            if any(name not in s for s in states):  # a buffer the clients keep (fl.send_buffers=false)
+                new_state[name] = value
+                continue
             if not value.is_floating_point():
                 new_state[name] = states[0].get(name, value) if name in buffers else value
                 continue
