@@ -122,8 +122,9 @@ def run_federation(grid: Grid, run: RunConfig, output: str, *, show_progress: bo
         if run.faults.dropout > 0:
             grid = LossyGrid(grid, run.faults, run.seed, partition_of)
         grid = defense.wrap_grid(grid, run)  # secure aggregation runs its protocol here
-        strategy = defense.wrap_strategy(FedsimStrategy(partition_of=partition_of, mode=run.fl.mode, lr=run.fl.lr,
-                                                        seed=run.seed, clients_per_round=run.fl.clients_per_round))
+        sampler = FedsimStrategy(partition_of=partition_of, mode=run.fl.mode, lr=run.fl.lr, seed=run.seed,
+                                 clients_per_round=run.fl.clients_per_round)
+        strategy = defense.wrap_strategy(sampler)
         t = run.threat
         threat = ThreatModel(
             mode=run.fl.mode, batch_size=run.fl.batch_size if t.batch_size else None,
@@ -142,7 +143,7 @@ def run_federation(grid: Grid, run: RunConfig, output: str, *, show_progress: bo
             eval_model.load_state_dict(arrays.to_torch_state_dict())
             accuracy, loss = evaluate(eval_model, bundle.test_x, bundle.test_y)
             row = {"accuracy": accuracy, "loss": loss,
-                   "seconds": time.perf_counter() - round_started[0], **defense.privacy(server_round, sample_rate)}
+                   "seconds": time.perf_counter() - round_started[0], **defense.privacy(server_round, sample_rate, releases=sampler.most_rounds())}
             recorder.on_evaluate(server_round, row)
             last.clear()
             last.update(round=server_round, **row)

@@ -56,6 +56,11 @@ class FedsimStrategy(FedAvg):
         self.mode, self.lr, self.seed = mode, lr, seed
         self.clients_per_round = clients_per_round
         self._global: dict[int, dict[str, torch.Tensor]] = {}
+        self.rounds_taken: dict[int, int] = {}          # partition id -> rounds it was asked to train in
+
+    def most_rounds(self) -> int:
+        """The most rounds any one client was asked to train in so far (0 before the first)."""
+        return max(self.rounds_taken.values(), default=0)
 
     def sample(self, server_round: int) -> list[int]:
         """Partition ids of the clients trained in `server_round` (sorted)."""
@@ -71,8 +76,11 @@ class FedsimStrategy(FedAvg):
         config["server-round"] = server_round
         self._global[server_round] = arrays.to_torch_state_dict()
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        chosen = self.sample(server_round)
+        for p in chosen:
+            self.rounds_taken[p] = self.rounds_taken.get(p, 0) + 1
         return [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=self.node_of[p],
-                        group_id=str(server_round)) for p in self.sample(server_round)]
+                        group_id=str(server_round)) for p in chosen]
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
