@@ -126,17 +126,18 @@ def test_noise_epsilon_is_the_worst_clients_composition_over_the_rounds_it_took_
 
     r = fedsim_run(tmp_path, "data=digits", "model.widths=[32]", "fl.rounds=3", "fl.batch_size=4",
                    "attack=analytic", "attack.targets=1", "defense=noise", "defense.sigma=1.0", "defense.clip=1.0",
-                   "fl.clients=4", "fl.clients_per_round=2")
+                   "fl.clients=4", "fl.clients_per_round=1")
     rows = [row for row in r.rounds if row["round"] >= 1]
     assert [row["round"] for row in rows] == [1, 2, 3]
-    sampler = FedsimStrategy(partition_of={n: n for n in range(4)}, mode="fedsgd", lr=0.1, seed=0, clients_per_round=2)
+    sampler = FedsimStrategy(partition_of={n: n for n in range(4)}, mode="fedsgd", lr=0.1, seed=0, clients_per_round=1)
     taken = [0] * 4
     for row in rows:  # the clients the server itself sampled (seed 0), counted per client
         for p in sampler.sample(row["round"]):
             taken[p] += 1
         assert row["epsilon_releases"] == max(taken)
         assert row["epsilon"] == pytest.approx(local_epsilon(1.0, max(taken), 1e-5))
-    assert rows[-1]["epsilon_third_party"] == pytest.approx(gaussian_epsilon(1.0, 0.5, 3, 1e-5))
+    assert max(taken) == 2 < len(rows)                      # client 1 took part in rounds 2 and 3 (seed 0)
+    assert rows[-1]["epsilon_third_party"] == pytest.approx(gaussian_epsilon(1.0, 0.25, 3, 1e-5))
     assert all(0.0 <= row["accuracy"] <= 1.0 and row["epsilon_round"] == pytest.approx(local_epsilon(1.0, 1, 1e-5))
                for row in rows)
     assert all(a["defense_sigma"] == 1.0 and a["defense_clip"] == 1.0 for a in r.attacks())
