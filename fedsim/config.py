@@ -204,6 +204,11 @@ class AttackTargets:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    recovered_ssim: float = knob(0.9, ge=0.0, le=1.0, help="SSIM at or above which a sample counts as recovered")
+
+
+@dataclass(frozen=True)
 class OutputConfig:
     grid_clients: int = knob(2, ge=0, help="image grids for this many clients in the first and last round")
     grid_every_round: bool = knob(False, help="grids in every round, not only the first and last")
@@ -228,6 +233,7 @@ class RunConfig:
     defense: dict
     runtime: dict
     raw: dict = field(repr=False, default_factory=dict)
+    metrics: MetricsConfig = MetricsConfig()
 
 
 def validate(cfg: Any, *, deep: bool = True) -> RunConfig:
@@ -247,7 +253,7 @@ def validate(cfg: Any, *, deep: bool = True) -> RunConfig:
     if not isinstance(raw, Mapping):
         raise ConfigError("config", raw, "a mapping")
     known = {"seed", "fl", "partition", "threat", "output", "faults", "audit", "verbose", "data", "model", "attack",
-             "defense", "runtime", "hydra", "experiment", "study", "tracking"}
+             "defense", "runtime", "hydra", "experiment", "study", "tracking", "metrics"}
     for key in raw:
         if key not in known:
             raise ConfigError(str(key), raw[key], f"a known key ({', '.join(sorted(known - {'hydra'}))})")
@@ -272,7 +278,7 @@ def validate(cfg: Any, *, deep: bool = True) -> RunConfig:
         audit=_audit(raw), verbose=_coerce("verbose", raw.get("verbose", False), bool),
         data=dict(raw.get("data") or {}), model=dict(raw.get("model") or {}), attack=attack_node,
         defense=dict(raw.get("defense") or {"name": "none"}), runtime=dict(raw.get("runtime") or {"name": "inline"}),
-        raw=dict(raw),
+        raw=dict(raw), metrics=build_config(MetricsConfig, raw.get("metrics"), "metrics"),
     )
     data_config(run.data)
     model_config(run.model)

@@ -41,10 +41,15 @@ AGGREGATE_CLIENT = -1         # the client id under which attacks on an aggregat
 
 @dataclass(frozen=True)
 class GroundTruth:
-    """The samples a client trained on this round. inputs: (b, *shape) in model space; labels: (b,)."""
+    """The samples a client trained on this round. inputs: (b, *shape) in model space; labels: (b,).
+
+    partition: (N, *shape), model space: the client's whole training partition (it holds the batch), when the
+    server side of the simulation knows it; the scorer's reference for `identified`.
+    """
 
     inputs: Tensor
     labels: Tensor
+    partition: Tensor | None = None
 
 
 def audit_record(inputs: Tensor, labels: Tensor) -> ConfigRecord:
@@ -126,14 +131,26 @@ class MemoryRecorder:
 Scorer = Callable[[Reconstruction, GroundTruth, TrainMeta], Any]
 
 
-def default_scorer(recon: Reconstruction, truth: GroundTruth, meta: TrainMeta) -> Any:
-    from fedsim.metrics import score
+def make_scorer(recovered_ssim: float | None = None) -> Scorer:
+    """The scorer: `fedsim.metrics.score` in pixel space, `recovered` at SSIM >= `recovered_ssim` (metrics'
+    default when None). A reconstruction with `stats["failed"]` (the attack raised) scores as returning nothing."""
+    from fedsim.metrics import RECOVERED_SSIM, score
 
-    norm = meta.normalization
-    images = len(meta.input_shape) == 3
-    recon_px = norm.to_pixels(recon.inputs.detach().float()) if recon.inputs is not None else None
-    return score(recon_px, norm.to_pixels(truth.inputs), recon_labels=recon.labels, truth_labels=truth.labels,
-                 images=images)
+    threshold = RECOVERED_SSIM if recovered_ssim is None else recovered_ssim
+
+    def scorer(recon: Reconstruction, truth: GroundTruth, meta: TrainMeta) -> Any:
+        norm = meta.normalization
+        images = len(meta.input_shape) == 3
+        recon_px = norm.to_pixels(recon.inputs.detach().float()) if recon.inputs is not None else None
+        pool = norm.to_pixels(truth.partition.float()) if truth.partition is not None else None
+        return score(recon_px, norm.to_pixels(truth.inputs), recon_labels=recon.labels, truth_labels=truth.labels,
+                     images=images, partition_pixels=pool, recovered_ssim=threshold,
+                     failed=bool(recon.stats.get("failed", False)))
+
+    return scorer
+
+
+default_scorer = make_scorer()
 
 
 # --- the wrapper ---------------------------------------------------------------------------------------------
@@ -153,6 +170,8 @@ class CuriousStrategy(Strategy):
     output: a directory for fedsim's result files (results.jsonl, rounds.jsonl, grids/, status.json), as a fedsim
         run writes them, so `fedsim-report` reads them; used when no `recorder` is given.
     view: the attacker's view of each observation under the defense (`Defense.observe`); identity by default.
+    partitions: client id -> that client's whole training partition (model space; `AGGREGATE_CLIENT`: every
+        contributing client's), for the scorer only (`identified`); never shown to an attack.
 
     Replies that carry `AGGREGATE_KEY` (secure aggregation) hold one aggregate, not individual updates: it is
     attacked once per round as client `AGGREGATE_CLIENT`, as a batch of all contributing clients' samples.
@@ -163,7 +182,8 @@ class CuriousStrategy(Strategy):
                  seed: int = 0, recorder: Recorder | None = None, scorer: Scorer = default_scorer,
                  drop_faulty: bool = True, min_clients: int = 1, arrayrecord_key: str | None = None,
                  client_of_node: Mapping[int, int] | None = None, output: str | None = None,
-                 view: Callable[[Observation], Observation] | None = None) -> None:
+                 view: Callable[[Observation], Observation] | None = None,
+                 partitions: Callable[[int], Tensor | None] | None = None) -> None:
         self.inner = strategy
         from attacks.base import build_attack
 
@@ -191,6 +211,7 @@ class CuriousStrategy(Strategy):
         self._param_names: list[str] | None = None
         self._buffers: frozenset[str] | None = None
         self.view = view
+        self.partitions = partitions
 
     # -- delegation ---------------------------------------------------------------------------------------------
     def start(self, *args, **kwargs):
@@ -296,6 +317,8 @@ class CuriousStrategy(Strategy):
                  truth: GroundTruth | None, *, client: int | None = None, batch_size: int | None = None,
                  num_examples: int | None = None, grant: Mapping[str, Any] | None = None) -> None:
         client = self._client_of(reply) if client is None else client
+        if truth is not None and self.partitions is not None:
+            truth = replace(truth, partition=self.partitions(client))
         model = self.model_fn()
         global_state = named_state(global_state, model)
         model.load_state_dict(global_state)
@@ -326,8 +349,9 @@ class CuriousStrategy(Strategy):
                 log.warning("attack %s failed on client %s round %s: %s", attack.name, client, server_round, error)
             seconds = time.perf_counter() - start
             scores = None
-            if recon is not None and truth is not None:
-                scores = self.scorer(recon, truth, meta)
+            if truth is not None:  # an attack that raised recovered nothing: scored so, not left out
+                scored = recon if recon is not None else Reconstruction(inputs=None, stats={"failed": True})
+                scores = self.scorer(scored, truth, meta)
             self.recorder.on_attack(AttackRecord(server_round, client, attack.name, seconds, recon, scores, error),
                                     truth, meta)
 

@@ -254,11 +254,12 @@ class RunRecorder:
         recon, scores = record.reconstruction, record.scores
         row = {"kind": "attack", "round": record.round, "client": record.client, "attack": record.attack,
                **self.info}
-        for key in ("psnr", "ssim", "mse", "exact", "label_acc", "matched", "batch"):
+        for key in ("identified", "exact", "recovered", "psnr", "ssim", "mse", "label_acc", "matched", "batch",
+                    "recovered_ssim"):
             row[key] = getattr(scores, key) if scores is not None else None
         row["certified"] = recon.certified if recon is not None else None
         row["matching_loss"] = recon.matching_loss if recon is not None else None
-        row["recovered"] = int(recon.inputs.shape[0]) if recon is not None and recon.inputs is not None else 0
+        row["returned"] = int(recon.inputs.shape[0]) if recon is not None and recon.inputs is not None else 0
         row["recovered_labels"] = (recon.labels.tolist() if recon is not None and recon.labels is not None
                                    else None)
         row["seconds"] = record.seconds

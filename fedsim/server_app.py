@@ -21,7 +21,7 @@ from defenses.base import build_defense
 from fedsim.client_app import AUDIT_FLAG, CONFIG_KEY
 from fedsim.config import RunConfig, validate
 from fedsim.errors import FedsimError
-from fedsim.hook import CLIENT_KEY, CuriousStrategy, ThreatModel
+from fedsim.hook import CLIENT_KEY, CuriousStrategy, ThreatModel, make_scorer
 from fedsim.results import ResultsWriter, RunRecorder
 
 log = logging.getLogger("fedsim")
@@ -133,7 +133,9 @@ def run_federation(grid: Grid, run: RunConfig, output: str, *, show_progress: bo
             grant_labels=t.labels)
         hook = CuriousStrategy(strategy, [attack], model_fn, threat, targets=run.targets.targets,
                                sample=run.targets.sample, seed=run.seed, recorder=recorder,
-                               min_clients=run.fl.min_clients, client_of_node=partition_of, view=defense.observe)
+                               min_clients=run.fl.min_clients, client_of_node=partition_of, view=defense.observe,
+                               scorer=make_scorer(run.metrics.recovered_ssim),
+                               partitions=partition_inputs(bundle, run))
         sample_rate = (run.fl.clients_per_round or run.fl.clients) / run.fl.clients
         eval_model = model_fn()
         last: dict = {}
@@ -162,6 +164,24 @@ def run_federation(grid: Grid, run: RunConfig, output: str, *, show_progress: bo
     writer.finish("complete")
     console.finish(str(writer.dir), "complete")
     return last
+
+
+def partition_inputs(bundle: Any, run: RunConfig):
+    """client id -> its training partition's inputs (model space), for the scorer's `identified`; the aggregate's
+    pseudo-client gets every client's. The same split the clients make (`fedsim.client_app.ClientPlan`)."""
+    import torch
+
+    from fedsim.data.partition import partition
+    from fedsim.hook import AGGREGATE_CLIENT
+
+    parts = [torch.as_tensor(p) for p in partition(bundle.train_y, run.fl.clients, run.partition, run.seed)]
+
+    def inputs(client: int):
+        if client == AGGREGATE_CLIENT:
+            return bundle.train_x[torch.cat(parts)]
+        return bundle.train_x[parts[client]] if 0 <= client < len(parts) else None
+
+    return inputs
 
 
 def _prefixed(strength: Mapping[str, float]) -> dict:
