@@ -374,7 +374,8 @@ def write_report(root: str | os.PathLike, out: str | os.PathLike | None = None, 
     tidy.to_parquet(out / "table.parquet", index=False)
     runs.to_csv(out / "runs.csv", index=False)
     (out / "table.md").write_text(study_markdown(runs))
-    plots = make_plots(tidy, runs, out / "plots")
+    notes: list[str] = []
+    plots = make_plots(tidy, runs, out / "plots", notes)
     grids: dict[str, list[Path]] = {}
     grid_root = out / GRID_DIR
     if grid_root.exists():
@@ -388,7 +389,7 @@ def write_report(root: str | os.PathLike, out: str | os.PathLike | None = None, 
             copied.append(target)
         grids[job.name] = copied
     page = render_page(out, title=title or _title(root, jobs), root=root, jobs=jobs, tidy=tidy,
-                       runs=runs, plots=plots, grids=grids, embed=embed)
+                       runs=runs, plots=plots, grids=grids, embed=embed, notes=notes)
     return Report(out, page, jobs, tidy, runs, plots)
 
 

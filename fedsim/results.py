@@ -341,11 +341,13 @@ class RunRecorder:
             recon_px = torch.full_like(truth_px, 0.5)
             recon_px[torch.as_tensor(cols)] = raw[torch.as_tensor(rows)]
             per = record.scores.per_sample_psnr if record.scores is not None else ()
+            found = record.scores.per_sample_identified if record.scores is not None else ()
             errors = relative_error(recon_px, truth_px)
             captions = []
             for i in range(truth_px.shape[0]):
                 psnr_i = per[i] if i < len(per) else float("nan")
-                mark = " exact" if i in set(cols.tolist()) and errors[i] <= EXACT_TOLERANCE else ""
+                mark = (" exact" if i in set(cols.tolist()) and errors[i] <= EXACT_TOLERANCE
+                        else " id" if i < len(found) and found[i] else "")
                 captions.append("-" if psnr_i != psnr_i else f"{psnr_i:.0f} dB{mark}")
         save_grid(self.writer.dir / GRID_DIR / self._name(record, "png"), truth_px, recon_px, self._title(record),
                   captions)
