@@ -122,6 +122,11 @@ class RunConsole:
 STUDY_COLUMNS = ("setting", "identified", "exact", "PSNR dB", "SSIM", "final acc")
 
 
+def setting_name(label: str) -> str:
+    """A study row's setting from its run label: `defense=noise, defense.sigma=1e-05` -> `noise, sigma=1e-05`."""
+    return str(label).replace("defense.", "").replace("defense=", "")
+
+
 def study_rows(runs: Any) -> list[tuple[str, ...]]:
     """One row of text per run of a study (`fedsim.report.runs_table`): the setting, the share of each batch
     identified and recovered exactly, PSNR, SSIM, final accuracy ("-": not scored)."""
@@ -135,9 +140,12 @@ def study_rows(runs: Any) -> list[tuple[str, ...]]:
     out = []
     for row in runs.to_dict("records"):
         acc = num(row, "final_accuracy")
-        setting = str(row.get("label") or row.get("run")).replace("defense.", "").replace("defense=", "")
+        setting = setting_name(row.get("label") or row.get("run"))
         if row.get("status") != "complete":
             setting += f" ({row.get('status')})"
+        raised, attacks = int(num(row, "attacks_raised") or 0), int(num(row, "attacks") or 0)
+        if raised:  # scored as recovering nothing, which is not the defense holding
+            setting += " (every attack raised)" if raised == attacks else f" ({raised}/{attacks} attacks raised)"
         out.append((setting, pct(num(row, "mean_identified")), pct(num(row, "mean_exact")),
                     _fmt(num(row, "mean_psnr"), ".1f"), _fmt(num(row, "mean_ssim"), ".3f"),
                     _fmt(None if acc is None else 100 * acc, ".1f", "%")))

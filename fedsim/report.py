@@ -328,6 +328,9 @@ def runs_table(jobs: list[Job], tidy=None):
             if metric in part.columns:
                 values = pd.to_numeric(part[metric], errors="coerce").dropna()
                 row[f"mean_{metric}"] = float(values.mean()) if len(values) else None
+        attacked = part[part["attack"].notna()] if "attack" in part.columns else part.iloc[0:0]
+        raised = attacked["error"].notna() & (attacked["error"].astype(str) != "") if "error" in attacked else []
+        row["attacks"], row["attacks_raised"] = len(attacked), int(sum(raised))
         for col in ("defense", "strength", "strength_knob"):
             if col in part.columns and len(part):
                 row.setdefault(col, part[col].iloc[0])
