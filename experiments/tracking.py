@@ -6,8 +6,7 @@
 A Hydra callback (conf/tracking/*.yaml) reads the job's own result files when it ends, so tracking sees exactly
 what the report sees and a run never depends on a tracking server. Logged per round: the global model's test
 accuracy and loss, and per attack the mean over attacked clients of identified, exact, recovered, psnr, ssim and
-label_acc; the job's
-overrides as parameters (MLflow) or text (TensorBoard); its grids as artifacts (MLflow). A job skipped because it
+label_acc; the job's overrides as parameters (MLflow) or text (TensorBoard); its grids as artifacts (MLflow). A job skipped because it
 was already complete is not logged again.
 
 TensorBoard needs the `tensorboard` package (`pip install tensorboard`, in the `tracking` and `dev` extras);
