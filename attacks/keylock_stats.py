@@ -23,7 +23,8 @@ variances fix t: `v_j = t^2 var_i(W_j c_i)`, so the batch is `xbar + t c_i` (`re
 FedAvg with T local steps mixes T batches through T different weights:
 `running_mean_T = (1 - mom)^T running_mean_0 + mom sum_t (1 - mom)^(T-1-t) mean(W_t x + b_t)`. The estimate then
 solves with the global W, b and the normalised weights: a weighted mean of the step batches' means, exact only in
-the limit of small steps (`stats["exact_model"] = False`).
+the limit of small steps (`stats["exact_model"] = False`). Measured on the same digits batch of 8, lr 0.1: relative
+error 4.4e-3 after 4 local steps, 1.8e-2 after 10 (one step: 6.5e-8).
 
 The attack returns the batch mean as a one-sample reconstruction (model space); `stats` records the channel
 variances' mean and the rank of W.
