@@ -105,6 +105,11 @@ def test_the_command_line_writes_the_report_and_says_where(sweep, tmp_path, caps
     out = capsys.readouterr().out
     assert "3 run(s): 2 complete, 1 invalid" in out and str(tmp_path / "cli" / "index.html") in out
     assert main([str(tmp_path / "empty-nothing")]) == 2
+    capsys.readouterr()
+    assert main(["--markdown", str(sweep)]) == 0                        # the study table, as README shows it
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "| setting | identified | exact | PSNR dB | SSIM | final acc |" and len(lines) == 2 + 3
+    assert "| fl.batch_size=1 | 100% | 100% | 100.0 |" in "\n".join(lines)
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["fedsim-report"] == "fedsim.report:main"
 
