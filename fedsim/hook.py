@@ -2,8 +2,9 @@
 
 `CuriousStrategy` wraps any Message-API strategy as the outermost layer. Each round it remembers the global model
 it sent; when replies arrive it checks them for faults, turns every healthy targeted reply into an `Observation`
-(only what the threat model grants), runs the attacks, and hands each reconstruction with the ground truth to the
-scorer. Ground truth arrives, in simulation only, as an audit record in the reply; it is stripped before anything
+(every array the client sent, BatchNorm statistics included, plus the training facts the threat model grants),
+runs the attacks, and hands each reconstruction with the ground truth to the scorer (an attack that raised is
+scored as recovering nothing). Ground truth arrives, in simulation only, as an audit record in the reply; it is stripped before anything
 else sees the reply and never reaches an attack. Aggregation is left to the wrapped strategy, unchanged.
 """
 
