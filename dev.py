@@ -5,6 +5,7 @@ Creates the virtual environment `.venv` on first use (and refreshes it when pypr
   demo   the main job: SPEAR against each defense on embedded data (fedsim -m +experiment=spear_vs_defenses),
          a table, plots and image grids in multirun/spear_vs_defenses/small/report/index.html
   test   the test suite (slow studies excluded; they live in benchmarks/)
+  readme the demo's study afresh, and its table written into README.md (experiments/readme.py)
   fedsim ARGS / report ARGS / pytest ARGS   the tools themselves, inside the environment
 """
 
@@ -59,6 +60,8 @@ def main() -> int:
     ensure_venv()
     if command == "demo":  # SPEAR against each defense (a resumable study) and its report: table, plots, grids
         return run([str(BIN / "fedsim"), "-m", "+experiment=spear_vs_defenses", *args])
+    if command == "readme":  # README's demo table is this program's output (tests/test_readme_demo.py checks it)
+        return run([str(BIN / "python"), "-m", "experiments.readme", *args])
     if command == "test":
         return run([str(BIN / "python"), "-m", "pytest", "-q", "-m", "not slow", *args])
     if command in ("fedsim", "pytest"):

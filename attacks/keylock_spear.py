@@ -13,14 +13,17 @@ the output gradient, so SPEAR still recovers the batch with `ignore_lock=true` (
 uncertified, because the certificate's sign check needs the true W', b'.
 
 `norm=batch` (FedKL; batch statistics while training): the forward pass, hence every gradient, is invariant to
-`x_i -> c + t (x_i - mean(x))` for any c and t > 0, and the locked layer's bias gradient is zero, so no attacker
-recovers the batch exactly. The variant goes as far as the invariance allows: SPEAR on the *next* Linear+ReLU layer
-recovers its input, the features `F = ReLU(gamma * h_hat + beta)`, exactly and for any key; with gamma and beta
-(known key), every entry with `F > 0` gives `h_hat = (F - beta) / gamma = W (x_i - mean) / s_j`, a homogeneous
-linear system in the centred batch and the per-channel scales s_j, solved by its null vector. The output is the
-centred batch, scaled to unit variance in model space, plus zero (the dataset mean): right up to the batch's mean
-and contrast, which fedsim's `exact` (relative error <= 1e-3) counts as not recovered. `stats` record whether the
-features were certified and how well the centred batch is determined (`gap`: smallest / next singular value).
+`x_i -> c + t (x_i - mean(x))` for any c and t > 0, and the locked layer's bias gradient is zero: the gradients
+alone do not give the batch's mean and contrast. The variant goes as far as the gradients allow: SPEAR on the
+*next* Linear+ReLU layer recovers its input, the features `F = ReLU(gamma * h_hat + beta)`, exactly and for any
+key; with gamma and beta (known key), every entry with `F > 0` gives `h_hat = (F - beta) / gamma =
+W (x_i - mean) / s_j`, a homogeneous linear system in the centred batch and the per-channel scales s_j, solved by
+its null vector: the centred batch up to one positive scale. The mean and the scale are then taken from the
+block's BatchNorm running statistics the client sent with its update (`attacks/keylock_stats.py`: the batch mean
+to ~1e-7 relative error, each channel's batch variance), which needs no key: the output is `mean + t * centred`.
+Only when the client keeps its statistics (`fl.send_buffers=false`) is the output the centred batch scaled to unit
+variance (mean and contrast unknown; `stats["statistics"] = "none"`). `stats` also record whether the features
+were certified and how well the centred batch is determined (`gap`: smallest / next singular value).
 
 Needs `attacks.spear` (SPEAR's pure `reconstruct`) and a fedsim FC model (`Sequential` of Flatten, [Linear, ReLU]*,
 Linear) whose first Linear is locked.
@@ -34,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from attacks.base import Attack, register_attack
+from attacks.keylock_stats import locked_statistics, mean_input, restore_batch
 from fedsim.config import knob
 from fedsim.errors import AttackNotApplicable, ReconstructionFailed
 from fedsim.threat import Observation, Reconstruction, TrainMeta
@@ -98,8 +102,15 @@ class KeyLockSpear(Attack):
                      seconds=round(result.seconds, 3))
         centred, gap = invert_lock(result.inputs, W, gamma, beta)
         stats["gap"] = gap
-        scale = centred.std().clamp_min(1e-12)
-        inputs = (centred / scale).reshape(b, *obs.meta.input_shape).float()
+        found = locked_statistics(obs)
+        if found is not None:  # the mean and the contrast from the running statistics the client sent
+            _, mean_h, var_h = found
+            batch, scale = restore_batch(centred, W, mean_input(W, bias, mean_h), var_h)
+            stats.update(statistics="running", scale=scale)
+            inputs = batch.reshape(b, *obs.meta.input_shape).float()
+        else:
+            stats["statistics"] = "none"
+            inputs = (centred / centred.std().clamp_min(1e-12)).reshape(b, *obs.meta.input_shape).float()
         return Reconstruction(inputs=inputs, certified=False, matching_loss=result.fit_residual, stats=stats)
 
 

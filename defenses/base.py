@@ -85,8 +85,10 @@ class Defense:
         """The knobs that measure this defense's strength, for results tables (e.g. {"sigma": 0.1})."""
         return {}
 
-    def privacy(self, rounds: int, sample_rate: float) -> dict[str, float]:
-        """Formal guarantees after `rounds` rounds (e.g. {"epsilon": ..., "delta": ...}); empty when there are none."""
+    def privacy(self, rounds: int, sample_rate: float, releases: int | None = None) -> dict[str, float]:
+        """Formal guarantees after `rounds` rounds, in which the client that took part most often took part in
+        `releases` (None: all), against the curious server (e.g. {"epsilon": ..., "delta": ...}); empty when
+        there are none. `sample_rate`: clients per round / clients."""
         return {}
 
     # -- model and protocol hooks (identity by default) ---------------------------------------------------------

@@ -5,17 +5,30 @@
 
     gaussian:  N(0, (sigma * clip)^2)          laplace:  Laplace(0, b = sigma * clip)   (std sqrt(2) b)
 
-Gaussian noise on a clipped update is the Gaussian mechanism with L2 sensitivity `clip` per client and round,
-i.e. client-level DP in the DP-FedAvg sense (McMahan et al. 2018, "Learning differentially private recurrent
-language models": one client's whole contribution is added or removed). Its cost is tracked with the RDP
-accountant of Google's dp-accounting over `rounds` compositions of the Poisson-subsampled Gaussian mechanism with
-q = clients per round / clients; `epsilon` is reported per round and cumulatively at `delta`. Two honest caveats
-are recorded beside it:
+Gaussian noise on a clipped update is the Gaussian mechanism, applied by each client to what it sends (local
+noise). The curious server sees each client's noisy update on its own, so the guarantee that matters is about one
+client's data changing arbitrarily between two worlds, the replace-one relation, and it is what `epsilon` reports:
 
-- `epsilon_server`: the curious server chose the sample, so amplification by subsampling does not hold against it;
-  this is the same accounting with q = 1 (equal to `epsilon` with full participation).
-- Noise is added by each client (local), so the server sees each noisy update. The guarantee is for adding or
-  removing one client; changing a client's data arbitrarily (replace-one) doubles the sensitivity.
+- Sensitivity. Two updates of the same client, each clipped to L2 norm C, differ by at most 2C (replace-one); the
+  add/remove-one relation of DP-FedAvg (McMahan et al. 2018) compares an update with its absence, at distance C.
+  The noise std is sigma * C, so the replace-one mechanism is the add/remove Gaussian mechanism with noise
+  multiplier (sigma * C) / (2C) = sigma / 2: the RDP of a Gaussian at order alpha is alpha * Delta^2 / (2 std^2),
+  which only sees the ratio std / Delta. `epsilon` is therefore dp-accounting's RDP accountant (add/remove) at
+  noise multiplier sigma / 2, no subsampling (sigma 1, 40 rounds, delta 1e-5: 138.7; add/remove would say 48.8;
+  tests/test_noise.py checks both against opacus' RDP accountant).
+- No amplification. The server samples the clients of each round itself, from a seed it knows
+  (`fedsim.strategy`), so amplification by subsampling does not hold against it.
+- Composition. A client releases one update in each round it takes part in; `epsilon` composes over the worst
+  client's count (`releases`: the most rounds any one client was asked to train in; an upper bound on what it
+  released, since a client that crashed released nothing).
+- Everything sent. The client mod hands the defense every floating-point array it sends: parameter gradients or
+  deltas and the change of each BatchNorm running statistic (`fedsim.client_app.defense_mod`), all clipped
+  together to C and noised, so the bound covers the statistics too (integer step counters depend on no data).
+
+`epsilon_round` is one release under the same relation. `epsilon_third_party` is the usual DP-FedAvg figure:
+add/remove one client, amplified by Poisson sampling at q = clients per round / clients, over all rounds. It holds
+only against an observer of the released models who does not know which clients were sampled (and fedsim samples
+a fixed number without replacement, not Poisson), never against the server.
 
 Laplace noise, or noise without clipping (`clip: null`, the std is then `sigma` in absolute units), bounds no
 sensitivity that gives a useful epsilon: such runs are labelled `noise` and report no epsilon.
@@ -78,7 +91,8 @@ def laplace_noise(update: Mapping[str, Tensor], scale: float, gen: torch.Generat
 def gaussian_epsilon(noise_multiplier: float, sample_rate: float, rounds: int, delta: float) -> float:
     """epsilon after `rounds` Poisson-subsampled Gaussian mechanisms (RDP accountant, add/remove one client).
 
-    noise_multiplier: noise std / L2 sensitivity. sample_rate: probability a client takes part in a round.
+    noise_multiplier: noise std / L2 sensitivity (C under add/remove). sample_rate: probability a client takes part
+    in a round (1: no subsampling).
     """
     import dp_accounting
     from dp_accounting.rdp import RdpAccountant
@@ -99,6 +113,12 @@ def gaussian_epsilon(noise_multiplier: float, sample_rate: float, rounds: int, d
         return float(accountant.get_epsilon(delta))
     finally:
         absl.setLevel(level)
+
+
+def local_epsilon(sigma: float, releases: int, delta: float) -> float:
+    """epsilon of `releases` local Gaussian releases of one client's update clipped to C with noise std sigma * C,
+    replace-one relation (sensitivity 2C), no subsampling: the add/remove accountant at noise multiplier sigma / 2."""
+    return gaussian_epsilon(sigma / 2.0, 1.0, releases, delta)
 
 
 # --- the defenses --------------------------------------------------------------------------------------------------
@@ -162,18 +182,19 @@ class Noise(Defense):
         cfg = self.config
         return {"clip": cfg.clip, "sigma": cfg.sigma, "mechanism": cfg.mechanism, "scale": self.scale}
 
-    def privacy(self, rounds: int, sample_rate: float) -> dict[str, float | str]:
+    def privacy(self, rounds: int, sample_rate: float, releases: int | None = None) -> dict[str, float | str]:
+        """After `rounds` rounds in which the worst client took part in `releases` (default: all of them)."""
         cfg = self.config
         if not self.is_dp:
             why = "laplace noise" if cfg.mechanism == "laplace" else ("no clipping" if cfg.clip is None else "sigma 0")
             return {"privacy": f"noise ({why}: no DP guarantee)"}
-        if rounds <= 0:
-            return {"privacy": "dp", "epsilon": 0.0, "epsilon_round": 0.0, "epsilon_server": 0.0, "delta": cfg.delta}
+        releases = rounds if releases is None else releases
         return {
             "privacy": "dp",
-            "epsilon": gaussian_epsilon(cfg.sigma, sample_rate, rounds, cfg.delta),
-            "epsilon_round": gaussian_epsilon(cfg.sigma, sample_rate, 1, cfg.delta),
-            "epsilon_server": gaussian_epsilon(cfg.sigma, 1.0, rounds, cfg.delta),
+            "relation": "replace-one",
+            "epsilon": local_epsilon(cfg.sigma, releases, cfg.delta),
+            "epsilon_releases": releases,
+            "epsilon_round": local_epsilon(cfg.sigma, 1, cfg.delta),
+            "epsilon_third_party": gaussian_epsilon(cfg.sigma, sample_rate, rounds, cfg.delta),
             "delta": cfg.delta,
         }
-

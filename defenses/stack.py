@@ -102,8 +102,8 @@ class Stack(Defense):
             out.update({f"{tag}.{k}": v for k, v in step.strength().items()})
         return out
 
-    def privacy(self, rounds: int, sample_rate: float) -> dict[str, float | str]:
-        reports = [d.privacy(rounds, sample_rate) for d in self._steps]
+    def privacy(self, rounds: int, sample_rate: float, releases: int | None = None) -> dict[str, float | str]:
+        reports = [d.privacy(rounds, sample_rate, releases) for d in self._steps]
         dp = [r for r in reports if "epsilon" in r]
         if dp:
             return min(dp, key=lambda r: r["epsilon"] if r["epsilon"] is not None else math.inf)

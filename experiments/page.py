@@ -15,7 +15,9 @@ from typing import Any
 
 CAPTIONS = {
     "attack_per_round": "Attack success per round for each setting of the sweep (mean over clients and seeds). "
-                        "exact = fraction of each client's batch recovered exactly; PSNR in dB (higher: closer).",
+                        "identified = fraction of each client's batch whose reconstruction picks out the true "
+                        "sample among the client's data; exact = fraction recovered exactly; PSNR in dB (higher: "
+                        "closer). Samples an attack did not return count as failures.",
     "attack_vs_strength": "Attack success against each defense's strength (mean over rounds, clients; bars: "
                           "spread over seeds). Dashed: the same attack with no defense.",
     "privacy_utility": "Final test accuracy of the global model against attack success, one point per setting "
@@ -48,7 +50,7 @@ code.cmd { display: block; font-size: 0.8em; color: #333; background: #f7f7f7; p
 
 
 def render_page(out: Path, *, title: str, root: Path, jobs: list, tidy: Any, runs: Any, plots: list[Path],
-                grids: dict[str, list[Path]], embed: bool = False) -> Path:
+                grids: dict[str, list[Path]], embed: bool = False, notes: list[str] = ()) -> Path:
     """Write `out/index.html` and return its path."""
     def src(path: Path) -> str:
         if embed:
@@ -73,8 +75,9 @@ def render_page(out: Path, *, title: str, root: Path, jobs: list, tidy: Any, run
     if lines:
         parts.append("<h2>Findings</h2><ul class='findings'>" + "".join(f"<li>{html.escape(x)}</li>" for x in lines)
                      + "</ul>")
-    if plots:
+    if plots or notes:
         parts.append("<h2>Plots</h2>")
+        parts += [f"<p class='meta'>{html.escape(n)}</p>" for n in notes]
         for plot in plots:
             kind = "sweep" if plot.stem.startswith("sweep_") else plot.stem
             caption = CAPTIONS.get(kind, "")
@@ -88,7 +91,7 @@ def render_page(out: Path, *, title: str, root: Path, jobs: list, tidy: Any, run
     if with_grids:
         parts.append("<h2>Reconstructions</h2><p class='meta'>Each grid: the client's true batch (top) above what "
                      "the attack recovered, matched sample to sample (bottom, with its PSNR; 'exact' marks exact "
-                     "recovery).</p>")
+                     "recovery, 'id' a reconstruction that identifies its sample among the client's data).</p>")
         order = {name: i for i, name in enumerate(runs["run"])}
         for i, job in enumerate(sorted(with_grids, key=lambda j: order.get(j.name, 0))):
             label = runs.loc[runs["run"] == job.name, "label"].iloc[0]
@@ -116,38 +119,90 @@ def _arg(key: str, value: Any) -> str:
     return f"{prefix}{key}={text}"
 
 
-def findings(tidy: Any) -> list[str]:
-    """Plain sentences for the top of the page: per attack, its success with no defense, and for each defense
-    whose strength was swept, the exact rate at each strength."""
+VERDICTS = ("leaked", "defense held", "attack out of budget", "not applicable", "failed", "no defense")
+
+
+def verdict(rows: Any, status: str = "complete", error: str | None = None) -> tuple[str, str]:
+    """(verdict, reason) for one setting's attack records (tidy rows of one run and attack).
+
+    failed: the run or every attack raised. not applicable: the configuration was refused (the attack cannot run
+    on this model or threat model). leaked: some of a batch identified (exact where nothing is identifiable).
+    attack out of budget: nothing identified, and the attack stopped at its budget (SPEAR's
+    `stats.budget_exhausted`) on some update, so the defense is not shown to hold. defense held: nothing
+    identified by an attack that ran to its end.
+    """
     import pandas as pd
 
-    need = {"attack", "defense", "exact", "strength", "run"}
-    if tidy.empty or not need <= set(tidy.columns):
+    if status == "invalid":
+        return "not applicable", f"not run, the configuration was refused: {error or 'no reason recorded'}"
+    if status == "failed" and (rows is None or rows.empty):
+        return "failed", f"the run raised: {error}" if error else "the run raised"
+    if rows is None or rows.empty:
+        return "failed", f"no attack was recorded (run {status})"
+    errors = rows["error"].dropna() if "error" in rows.columns else rows.iloc[0:0]["attack"]
+    errors = errors[errors.astype(str) != ""]
+    if len(errors) == len(rows):
+        return "failed", f"every attack raised: {str(errors.iloc[0])[:200]}"
+    identified = pd.to_numeric(rows.get("identified"), errors="coerce")
+    exact = pd.to_numeric(rows.get("exact"), errors="coerce")
+    measure, name = (identified, "identified") if identified.notna().any() else (exact, "exact")
+    failed_note = f"; {len(errors)} of {len(rows)} attacks raised (counted as recovering nothing)" if len(errors) else ""
+    if measure.notna().any() and measure.mean() > 0:
+        text = f"{name} {measure.mean():.0%}"
+        if name == "identified" and exact.notna().any():
+            text += f", exact {exact.mean():.0%}"
+        return "leaked", text + failed_note
+    if not measure.notna().any():
+        return "failed", "no reconstruction was scored (no ground truth, or the attack returns no inputs)"
+    budget = rows.get("stats.budget_exhausted")
+    exhausted = int(budget.map(lambda v: v is True or v == "True" or v == 1).sum()) if budget is not None else 0
+    if exhausted:
+        return "attack out of budget", (f"nothing {name}, but the attack stopped at its budget on {exhausted} of "
+                                        f"{len(rows)} updates: inconclusive, not a defense holding" + failed_note)
+    return "defense held", f"nothing {name} by an attack that ran to its end" + failed_note
+
+
+def findings(tidy: Any) -> list[str]:
+    """Plain sentences for the top of the page: for each attack and setting, what leaked, or why nothing did
+    (defense held, attack out of budget, not applicable, failed); then, for each defense whose strength was swept,
+    the identified rate at each strength."""
+    import pandas as pd
+
+    if tidy.empty or "run" not in tidy.columns:
         return []
-    df = tidy.assign(exact=pd.to_numeric(tidy["exact"], errors="coerce"),
-                     psnr=pd.to_numeric(tidy.get("psnr"), errors="coerce"),
-                     final_accuracy=pd.to_numeric(tidy.get("final_accuracy"), errors="coerce"))
     out = []
-    for attack, part in df.groupby("attack"):
-        base = part[part["defense"] == "none"]
-        if not base.empty:
-            out.append(f"{attack} with no defense: exact {base['exact'].mean():.0%} of each batch, PSNR "
-                       f"{base['psnr'].mean():.1f} dB, final accuracy {base['final_accuracy'].mean():.1%}.")
-        for defense, runs in part[part["defense"] != "none"].groupby("defense"):
-            by = runs.groupby("strength").agg(exact=("exact", "mean"), acc=("final_accuracy", "mean"))
-            knob = runs["strength_knob"].dropna()
-            if len(by) < 2 or knob.empty:
-                continue
-            knob = knob.iloc[0]
-            rates = ", ".join(f"{value:g}: {row.exact:.0%}" for value, row in by.iterrows())
-            text = (f"{attack} against {defense}, exact rate by {knob}: {rates} (final accuracy "
-                    f"{by['acc'].min():.1%} to {by['acc'].max():.1%}).")
-            out.append(text)
-    refused = tidy[tidy["status"] == "invalid"] if "status" in tidy.columns else tidy.iloc[0:0]
-    for _, run in refused.drop_duplicates("run").iterrows():
-        error = run.get("error")
-        if isinstance(error, str) and error:
-            out.append(f"{run['label']}: not run, the configuration was refused: {error}")
+    df = tidy.copy()
+    for col in ("identified", "exact", "psnr", "final_accuracy"):
+        df[col] = pd.to_numeric(df[col], errors="coerce") if col in df.columns else math.nan
+    for run, part in df.groupby("run", sort=False):
+        first = part.iloc[0]
+        status = str(first.get("status"))
+        error = first.get("error") if not _missing(first.get("error")) else None
+        attack_rows = part[part["attack"].notna()] if "attack" in part.columns else part.iloc[0:0]
+        label = first.get("label", run)
+        if attack_rows.empty:
+            kind, why = verdict(None, status, error)
+            out.append(f"{label}: {kind}: {why}.")
+            continue
+        for attack, rows in attack_rows.groupby("attack"):
+            kind, why = verdict(rows, status, error)
+            if kind == "leaked" and first.get("defense") == "none":
+                kind = "no defense"
+            acc = rows["final_accuracy"].mean()
+            tail = f" (final accuracy {acc:.1%})" if acc == acc else ""
+            out.append(f"{attack} vs {label}: {kind}: {why}{tail}.")
+    if {"attack", "defense", "strength"} <= set(df.columns):
+        for attack, part in df[df["attack"].notna()].groupby("attack"):
+            measure = "identified" if part["identified"].notna().any() else "exact"
+            for defense, runs in part[part["defense"] != "none"].groupby("defense"):
+                by = runs.groupby("strength").agg(rate=(measure, "mean"), exact=("exact", "mean"))
+                knob = runs["strength_knob"].dropna()
+                if len(by) < 2 or knob.empty:
+                    continue
+                rates = ", ".join(f"{value:g}: {row.rate:.0%}" + (f" (exact {row.exact:.0%})" if measure != "exact"
+                                                                  and row.exact == row.exact else "")
+                                  for value, row in by.iterrows())
+                out.append(f"{attack} against {defense}, {measure} by {knob.iloc[0]}: {rates}.")
     return out
 
 
@@ -158,7 +213,8 @@ def _badge(status: str, text: str) -> str:
 
 def _runs_html(runs: Any) -> str:
     columns = [("label", "run"), ("status", "status"), ("rounds_done", "rounds"), ("final_accuracy", "final acc"),
-               ("mean_exact", "exact"), ("mean_psnr", "PSNR"), ("mean_ssim", "SSIM"), ("mean_seconds", "attack s"),
+               ("mean_identified", "identified"), ("mean_exact", "exact"), ("mean_recovered", "recovered"),
+               ("mean_psnr", "PSNR"), ("mean_ssim", "SSIM"), ("mean_seconds", "attack s"),
                ("faults", "faults"), ("error", "error")]
     columns = [(c, name) for c, name in columns if c in runs.columns]
     head = "".join(f"<th>{html.escape(name)}</th>" for _, name in columns)
@@ -186,7 +242,7 @@ def _missing(value: Any) -> bool:
 def _fmt(col: str, value: Any) -> str:
     if _missing(value):
         return "-"
-    if col in ("final_accuracy", "mean_exact"):
+    if col in ("final_accuracy", "mean_exact", "mean_identified", "mean_recovered"):
         return f"{float(value):.1%}"
     if col in ("mean_psnr",):
         return f"{float(value):.1f}"

@@ -5,9 +5,10 @@
     privacy_utility.png      final test accuracy against attack success, the Pareto frontier drawn through it
     sweep_<key>.png          attack success and attack time against any other swept number (batch size, width)
 
-Attack success is shown twice: `exact` (fraction of the batch recovered exactly, the measure for exact attacks
-such as SPEAR) and `psnr` (dB, the measure for optimisation attacks). A figure that has nothing to show (no
-defense strength swept, one job) is not drawn.
+Attack success is shown three ways: `identified` (fraction of the batch whose reconstruction picks out the true
+sample among the client's data: what leaked), `exact` (fraction recovered exactly, the measure for exact attacks
+such as SPEAR) and `psnr` (dB). A figure or a row of panels that has nothing to show (no defense strength swept,
+one job, an attack with no scored reconstruction) is not drawn; `make_plots` says why in `notes`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-SUCCESS = (("exact", "exact rate (fraction of the batch)"), ("psnr", "PSNR (dB)"))
+SUCCESS = (("identified", "identified (fraction of the batch)"), ("exact", "exact rate (fraction of the batch)"),
+           ("psnr", "PSNR (dB)"))
+RATES = ("identified", "exact")
 MAX_LINES = 12
 NOT_SWEEP = {"seed", "round", "client", "experiment", "attack", "defense", "data", "model", "runtime", "partition"}
 
@@ -32,7 +35,17 @@ def _plt():
 
 
 def _attacks(df) -> list[str]:
-    return [a for a in df["attack"].dropna().unique()] if "attack" in df.columns else []
+    """Attacks with at least one scored reconstruction from a run that did not raise (the others have nothing to
+    plot: a failure scored as recovering nothing would read as a defense holding)."""
+    import pandas as pd
+
+    if "attack" not in df.columns:
+        return []
+    metrics = [m for m, _ in SUCCESS if m in df.columns]
+    ran = df["error"].isna() | (df["error"].astype(str) == "") if "error" in df.columns else df["attack"].notna()
+    return [a for a in df["attack"].dropna().unique()
+            if any(pd.to_numeric(df.loc[(df["attack"] == a) & ran, m], errors="coerce").notna().any()
+                   for m in metrics)]
 
 
 def _metrics(df) -> list[tuple[str, str]]:
@@ -62,17 +75,36 @@ def _over_seeds(frame, keys: list[str], metric: str):
     return out
 
 
-def make_plots(df, runs, folder: str | Path) -> list[Path]:
-    """Every figure that applies to this table, as PNG files in `folder`."""
+def make_plots(df, runs, folder: str | Path, notes: list[str] | None = None) -> list[Path]:
+    """Every figure that applies to this table, as PNG files in `folder`. `notes` receives, in words, why a figure
+    or an attack's panels were not drawn."""
+    import pandas as pd
+
+    notes = notes if notes is not None else []
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob("*.png"):
         old.unlink()
-    if df.empty or "attack" not in df.columns or not _metrics(df):
+    if df.empty or "attack" not in df.columns:
+        notes.append("No plots: no attack was recorded.")
         return []
-    made = [attack_per_round(df, folder / "attack_per_round.png"),
-            attack_vs_strength(df, folder / "attack_vs_strength.png"),
-            privacy_utility(df, folder / "privacy_utility.png")]
+    for attack in df["attack"].dropna().unique():
+        if attack not in _attacks(df):
+            part = df[df["attack"] == attack]
+            errors = part["error"].dropna() if "error" in part.columns else part["attack"].iloc[0:0]
+            why = (f"every attack raised ({str(errors.iloc[0])[:160]})" if len(errors) == len(part) and len(part)
+                   else "it scored no reconstruction (no ground truth, or it returns no inputs)")
+            notes.append(f"No plots for {attack}: {why}.")
+    if not _metrics(df) or not _attacks(df):
+        return []
+    made = [attack_per_round(df, folder / "attack_per_round.png")]
+    strength = attack_vs_strength(df, folder / "attack_vs_strength.png")
+    if strength is None:
+        notes.append("No plot against defense strength: no defense was run at two or more strengths.")
+    utility = privacy_utility(df, folder / "privacy_utility.png")
+    if utility is None:
+        notes.append("No privacy-utility plot: no run recorded a final accuracy.")
+    made += [strength, utility]
     made += sweep_plots(df, folder)
     return [p for p in made if p is not None]
 
@@ -97,7 +129,7 @@ def attack_per_round(df, path: Path) -> Path | None:
             ax.set_ylabel(ylabel)
             ax.set_title(f"{attack}: {metric} per round", fontsize=10)
             ax.xaxis.get_major_locator().set_params(integer=True)
-            if metric == "exact":
+            if metric in RATES:
                 ax.set_ylim(-0.03, 1.03)
             ax.grid(alpha=0.3)
         handles, names = axes[i][0].get_legend_handles_labels()
@@ -148,7 +180,7 @@ def attack_vs_strength(df, path: Path) -> Path | None:
             _strength_axis(ax, part["strength"])
             ax.set_xlabel(knob)
             ax.set_ylabel(ylabel)
-            if metric == "exact":
+            if metric in RATES:
                 ax.set_ylim(-0.03, 1.03)
             ax.set_title(f"{defense}: {metric} against {knob}", fontsize=10)
             ax.grid(alpha=0.3)
@@ -279,7 +311,7 @@ def sweep_plots(df, folder: Path) -> list[Path]:
                                 color=colors[k], label=group)
                 ax.set_xlabel(key)
                 ax.set_ylabel(ylabel)
-                if metric == "exact":
+                if metric in RATES:
                     ax.set_ylim(-0.03, 1.03)
                 if metric == "seconds":
                     positive = stats["mean"][stats["mean"] > 0]

@@ -5,8 +5,8 @@
 
 A Hydra callback (conf/tracking/*.yaml) reads the job's own result files when it ends, so tracking sees exactly
 what the report sees and a run never depends on a tracking server. Logged per round: the global model's test
-accuracy and loss, and per attack the mean over attacked clients of exact, psnr, ssim and label_acc; the job's
-overrides as parameters (MLflow) or text (TensorBoard); its grids as artifacts (MLflow). A job skipped because it
+accuracy and loss, and per attack the mean over attacked clients of identified, exact, recovered, psnr, ssim and
+label_acc; the job's overrides as parameters (MLflow) or text (TensorBoard); its grids as artifacts (MLflow). A job skipped because it
 was already complete is not logged again.
 
 TensorBoard needs the `tensorboard` package (`pip install tensorboard`, in the `tracking` and `dev` extras);
@@ -25,7 +25,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 BACKENDS = ("tensorboard", "mlflow")
-ATTACK_METRICS = ("exact", "psnr", "ssim", "label_acc")
+ATTACK_METRICS = ("identified", "exact", "recovered", "psnr", "ssim", "label_acc")
 
 
 def round_metrics(job: Any) -> dict[int, dict[str, float]]:

@@ -114,7 +114,13 @@ def fault_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> M
 
 
 def defense_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Apply the configured defense to the update the client is about to send (built at call time)."""
+    """Apply the configured defense to everything the client is about to send (built at call time).
+
+    The defense transforms one update: the gradient (FedSGD) or weight delta (FedAvg) of every parameter, and the
+    change of every floating-point buffer it sends (BatchNorm running statistics: `sent - received`), so that
+    clipping and noise bound all the client releases. Integer buffers (BatchNorm's `num_batches_tracked`) count
+    local steps, which do not depend on the data, and are sent as they are.
+    """
     if msg.metadata.message_type != MessageType.TRAIN:
         return call_next(msg, context)
     plan = plan_of(msg)
@@ -130,19 +136,38 @@ def defense_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
     pid, server_round = int(info["partition-id"]), int(msg.content["config"]["server-round"])
     sent = to_state_dict(out.content["arrays"])
     fedsgd = plan.fl.mode == "fedsgd"
-    update = {k: (v if fedsgd else v - incoming[k]) for k, v in sent.items() if k not in buffers}
+    as_delta = {k for k in sent if k in incoming and (not fedsgd or k in buffers)}
+    update = {k: (v - incoming[k] if k in as_delta else v) for k, v in sent.items()
+              if k not in buffers or v.is_floating_point()}
     num_examples = int(out.content["metrics"]["num-examples"])
     gen = torch.Generator().manual_seed(seed_for(plan.run.seed, server_round, pid, 0xDEF))
     ctx = DefenseContext(server_round, pid, plan.fl.mode, num_examples, gen)
     defended = defense.transform(update, ctx)
-    arrays = {k: (defended[k] if fedsgd else incoming[k] + defended[k]) if k in defended else v
+    arrays = {k: ((incoming[k] + defended[k]) if k in as_delta else defended[k]) if k in defended else v
               for k, v in sent.items()}
     out.content["arrays"] = ArrayRecord(arrays)
     return out
 
 
-# Outermost first: SecAgg+ (protocol messages only), faults, the update transform, key-lock's private layers.
-app = ClientApp(mods=[secagg_mod, fault_mod, defense_mod, keylock_mod])
+def buffers_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """`fl.send_buffers=false`: the client's buffers (BatchNorm statistics) are left out of what it sends (FedBN);
+    the server keeps its own. They are dropped here, on the client, so the server never receives them."""
+    if msg.metadata.message_type != MessageType.TRAIN:
+        return call_next(msg, context)
+    out = call_next(msg, context)
+    if out.has_error() or plan_of(msg).fl.send_buffers:
+        return out
+    info = out.content[CLIENT_KEY]
+    buffers = set(info.get("buffers", []) or [])
+    sent = to_state_dict(out.content["arrays"])
+    out.content["arrays"] = ArrayRecord({k: v for k, v in sent.items() if k not in buffers})
+    out.content[CLIENT_KEY] = ConfigRecord({**dict(info), "buffers": []})
+    return out
+
+
+# Outermost first: SecAgg+ (protocol messages only), faults, the update transform, what is sent (buffers or not),
+# key-lock's private layers.
+app = ClientApp(mods=[secagg_mod, fault_mod, defense_mod, buffers_mod, keylock_mod])
 
 
 @app.query()

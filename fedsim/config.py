@@ -182,23 +182,30 @@ class FLConfig:
     lr: float = knob(0.1, gt=0.0, help="learning rate (client SGD in fedavg, server step in fedsgd)")
     min_clients: int = knob(1, ge=1, help="a round with fewer healthy replies is skipped")
     timeout: float = knob(600.0, gt=0.0, help="seconds the server waits for a round's replies")
+    send_buffers: bool = knob(True, help="clients send their BatchNorm statistics with the update (false: they stay "
+                                         "on the client, FedBN-style, and the server keeps its own)")
 
 
 @dataclass(frozen=True)
 class ThreatConfig:
-    """What the honest-but-curious server is granted (it set these itself, so all but labels default to true)."""
+    """Training facts the honest-but-curious server is granted (it set these itself, so all but labels default to
+    true). Data a client sends is never hidden from it: what is sent is set on the client (`fl.send_buffers`)."""
 
     batch_size: bool = knob(True, help="the attacker knows the client batch size")
     local_steps: bool = knob(True, help="the attacker knows the number of local steps")
     lr: bool = knob(True, help="the attacker knows the client learning rate")
     labels: bool = knob(False, help="the attacker is given the true labels")
-    buffers: bool = knob(False, help="clients share BatchNorm statistics with their update")
 
 
 @dataclass(frozen=True)
 class AttackTargets:
     targets: Any = knob("all", help="clients to attack: all, N (the first N), or a list of client ids")
     sample: int | None = knob(None, ge=1, help="attack at most this many of the targeted replies per round")
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    recovered_ssim: float = knob(0.9, ge=0.0, le=1.0, help="SSIM at or above which a sample counts as recovered")
 
 
 @dataclass(frozen=True)
@@ -226,6 +233,7 @@ class RunConfig:
     defense: dict
     runtime: dict
     raw: dict = field(repr=False, default_factory=dict)
+    metrics: MetricsConfig = MetricsConfig()
 
 
 def validate(cfg: Any, *, deep: bool = True) -> RunConfig:
@@ -245,11 +253,16 @@ def validate(cfg: Any, *, deep: bool = True) -> RunConfig:
     if not isinstance(raw, Mapping):
         raise ConfigError("config", raw, "a mapping")
     known = {"seed", "fl", "partition", "threat", "output", "faults", "audit", "verbose", "data", "model", "attack",
-             "defense", "runtime", "hydra", "experiment", "study", "tracking"}
+             "defense", "runtime", "hydra", "experiment", "study", "tracking", "metrics"}
     for key in raw:
         if key not in known:
             raise ConfigError(str(key), raw[key], f"a known key ({', '.join(sorted(known - {'hydra'}))})")
     seed = _coerce("seed", raw.get("seed", 0), int)
+    threat_node = _plain(raw.get("threat")) or {}
+    if isinstance(threat_node, Mapping) and "buffers" in threat_node:
+        raise ConfigError("threat.buffers", threat_node["buffers"],
+                          "no such key: the server always sees the BatchNorm statistics clients send; to keep them "
+                          "on the clients set fl.send_buffers=false")
     fl = build_config(FLConfig, raw.get("fl"), "fl")
     if fl.clients_per_round is not None and fl.clients_per_round > fl.clients:
         raise ConfigError("fl.clients_per_round", fl.clients_per_round, f"at most fl.clients={fl.clients}")
@@ -265,7 +278,7 @@ def validate(cfg: Any, *, deep: bool = True) -> RunConfig:
         audit=_audit(raw), verbose=_coerce("verbose", raw.get("verbose", False), bool),
         data=dict(raw.get("data") or {}), model=dict(raw.get("model") or {}), attack=attack_node,
         defense=dict(raw.get("defense") or {"name": "none"}), runtime=dict(raw.get("runtime") or {"name": "inline"}),
-        raw=dict(raw),
+        raw=dict(raw), metrics=build_config(MetricsConfig, raw.get("metrics"), "metrics"),
     )
     data_config(run.data)
     model_config(run.model)

@@ -51,16 +51,21 @@ class RunConsole:
                    "faults": len(faults), "skipped": skipped, "attacks": {}}
         parts = []
         for name, rows in by_attack.items():
-            exact_samples = sum(round((r.get("exact") or 0) * (r.get("batch") or 0)) for r in rows)
+            def samples(key: str) -> int:
+                return sum(round((r.get(key) or 0) * (r.get("batch") or 0)) for r in rows)
+
             total = sum(r.get("batch") or 0 for r in rows)
-            stats = {"exact": _mean([r.get("exact") for r in rows]), "psnr": _mean([r.get("psnr") for r in rows]),
+            stats = {"identified": _mean([r.get("identified") for r in rows]),
+                     "exact": _mean([r.get("exact") for r in rows]), "psnr": _mean([r.get("psnr") for r in rows]),
                      "ssim": _mean([r.get("ssim") for r in rows]), "label_acc": _mean([r.get("label_acc") for r in rows]),
                      "certified": sum(1 for r in rows if r.get("certified")), "clients": len(rows),
                      "errors": sum(1 for r in rows if r.get("error"))}
             summary["attacks"][name] = stats
             text = f"{name} on {len(rows)} client(s):"
-            if total:
-                text += f" exact {exact_samples}/{total} samples,"
+            if total and stats["identified"] is not None:
+                text += f" identified {samples('identified')}/{total},"
+            if total and stats["exact"] is not None:
+                text += f" exact {samples('exact')}/{total} samples,"
             text += f" PSNR {_fmt(stats['psnr'], '.1f', ' dB')}"
             if stats["ssim"] is not None:
                 text += f", SSIM {stats['ssim']:.3f}"
@@ -97,6 +102,7 @@ class RunConsole:
         table.add_column("round", justify="right")
         table.add_column("test acc", justify="right")
         for name in names:
+            table.add_column(f"{name} identified", justify="right")
             table.add_column(f"{name} exact", justify="right")
             table.add_column(f"{name} PSNR", justify="right")
             table.add_column(f"{name} SSIM", justify="right")
@@ -105,33 +111,64 @@ class RunConsole:
             cells = [str(row["round"]), _fmt(row["accuracy"], ".1%")]
             for name in names:
                 s = row["attacks"].get(name, {})
-                cells += [_fmt(s.get("exact"), ".0%"), _fmt(s.get("psnr"), ".1f"), _fmt(s.get("ssim"), ".3f")]
+                cells += [_fmt(s.get("identified"), ".0%"), _fmt(s.get("exact"), ".0%"), _fmt(s.get("psnr"), ".1f"),
+                          _fmt(s.get("ssim"), ".3f")]
             cells.append(str(row["faults"]))
             table.add_row(*cells)
         self.console.print(table)
         self.console.print(f"results: {directory}")
 
 
-def study_table(runs: Any, title: str) -> Table:
-    """One row per run of a study (`fedsim.report.runs_table`): the setting, attack success, final accuracy."""
-    table = Table(title=title, caption="-: not scored (the attack failed, or no ground truth): see report/runs.csv")
-    table.add_column("setting", justify="left", no_wrap=True)
-    for name in ("exact", "PSNR dB", "SSIM", "final acc"):
-        table.add_column(name, justify="right", no_wrap=True)
+STUDY_COLUMNS = ("setting", "identified", "exact", "PSNR dB", "SSIM", "final acc")
 
+
+def setting_name(label: str) -> str:
+    """A study row's setting from its run label: `defense=noise, defense.sigma=1e-05` -> `noise, sigma=1e-05`."""
+    return str(label).replace("defense.", "").replace("defense=", "")
+
+
+def study_rows(runs: Any) -> list[tuple[str, ...]]:
+    """One row of text per run of a study (`fedsim.report.runs_table`): the setting, the share of each batch
+    identified and recovered exactly, PSNR, SSIM, final accuracy ("-": not scored)."""
     def num(row: Mapping[str, Any], key: str) -> float | None:
         value = row.get(key)
         return None if value is None or value != value else float(value)   # NaN: not measured
 
+    def pct(value: float | None) -> str:
+        return _fmt(None if value is None else 100 * value, ".0f", "%")
+
+    out = []
     for row in runs.to_dict("records"):
-        exact, acc = num(row, "mean_exact"), num(row, "final_accuracy")
-        setting = str(row.get("label") or row.get("run")).replace("defense.", "").replace("defense=", "")
+        acc = num(row, "final_accuracy")
+        setting = setting_name(row.get("label") or row.get("run"))
         if row.get("status") != "complete":
             setting += f" ({row.get('status')})"
-        table.add_row(setting, _fmt(None if exact is None else 100 * exact, ".0f", "%"),
-                      _fmt(num(row, "mean_psnr"), ".1f"), _fmt(num(row, "mean_ssim"), ".3f"),
-                      _fmt(None if acc is None else 100 * acc, ".1f", "%"))
+        raised, attacks = int(num(row, "attacks_raised") or 0), int(num(row, "attacks") or 0)
+        if raised:  # scored as recovering nothing, which is not the defense holding
+            setting += " (every attack raised)" if raised == attacks else f" ({raised}/{attacks} attacks raised)"
+        out.append((setting, pct(num(row, "mean_identified")), pct(num(row, "mean_exact")),
+                    _fmt(num(row, "mean_psnr"), ".1f"), _fmt(num(row, "mean_ssim"), ".3f"),
+                    _fmt(None if acc is None else 100 * acc, ".1f", "%")))
+    return out
+
+
+def study_table(runs: Any, title: str) -> Table:
+    """One row per run of a study (`fedsim.report.runs_table`): the setting, attack success, final accuracy."""
+    table = Table(title=title, caption="identified: share of each batch whose reconstruction picks out the true "
+                                       "sample among the client's data; -: not scored (see report/runs.csv)")
+    table.add_column(STUDY_COLUMNS[0], justify="left", no_wrap=True)
+    for name in STUDY_COLUMNS[1:]:
+        table.add_column(name, justify="right", no_wrap=True)
+    for cells in study_rows(runs):
+        table.add_row(*cells)
     return table
+
+
+def study_markdown(runs: Any) -> str:
+    """The study table as Markdown (what README.md shows for the demo): `fedsim-report --markdown DIR`."""
+    lines = ["| " + " | ".join(STUDY_COLUMNS) + " |", "|" + "---|" * len(STUDY_COLUMNS)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in study_rows(runs)]
+    return "\n".join(lines) + "\n"
 
 
 def print_study(runs: Any, title: str) -> None:

@@ -2,8 +2,9 @@
 
 `CuriousStrategy` wraps any Message-API strategy as the outermost layer. Each round it remembers the global model
 it sent; when replies arrive it checks them for faults, turns every healthy targeted reply into an `Observation`
-(only what the threat model grants), runs the attacks, and hands each reconstruction with the ground truth to the
-scorer. Ground truth arrives, in simulation only, as an audit record in the reply; it is stripped before anything
+(every array the client sent, BatchNorm statistics included, plus the training facts the threat model grants),
+runs the attacks, and hands each reconstruction with the ground truth to the scorer (an attack that raised is
+scored as recovering nothing). Ground truth arrives, in simulation only, as an audit record in the reply; it is stripped before anything
 else sees the reply and never reaches an attack. Aggregation is left to the wrapped strategy, unchanged.
 """
 
@@ -41,10 +42,15 @@ AGGREGATE_CLIENT = -1         # the client id under which attacks on an aggregat
 
 @dataclass(frozen=True)
 class GroundTruth:
-    """The samples a client trained on this round. inputs: (b, *shape) in model space; labels: (b,)."""
+    """The samples a client trained on this round. inputs: (b, *shape) in model space; labels: (b,).
+
+    partition: (N, *shape), model space: the client's whole training partition (it holds the batch), when the
+    server side of the simulation knows it; the scorer's reference for `identified`.
+    """
 
     inputs: Tensor
     labels: Tensor
+    partition: Tensor | None = None
 
 
 def audit_record(inputs: Tensor, labels: Tensor) -> ConfigRecord:
@@ -73,7 +79,6 @@ class ThreatModel:
     num_classes: int | None = None                # None: the output size of the model's last Linear layer
     normalization: Normalization = Normalization()
     grant_labels: bool = False
-    share_buffers: bool = False
 
 
 # --- records ---------------------------------------------------------------------------------------------------
@@ -127,14 +132,26 @@ class MemoryRecorder:
 Scorer = Callable[[Reconstruction, GroundTruth, TrainMeta], Any]
 
 
-def default_scorer(recon: Reconstruction, truth: GroundTruth, meta: TrainMeta) -> Any:
-    from fedsim.metrics import score
+def make_scorer(recovered_ssim: float | None = None) -> Scorer:
+    """The scorer: `fedsim.metrics.score` in pixel space, `recovered` at SSIM >= `recovered_ssim` (metrics'
+    default when None). A reconstruction with `stats["failed"]` (the attack raised) scores as returning nothing."""
+    from fedsim.metrics import RECOVERED_SSIM, score
 
-    norm = meta.normalization
-    images = len(meta.input_shape) == 3
-    recon_px = norm.to_pixels(recon.inputs.detach().float()) if recon.inputs is not None else None
-    return score(recon_px, norm.to_pixels(truth.inputs), recon_labels=recon.labels, truth_labels=truth.labels,
-                 images=images)
+    threshold = RECOVERED_SSIM if recovered_ssim is None else recovered_ssim
+
+    def scorer(recon: Reconstruction, truth: GroundTruth, meta: TrainMeta) -> Any:
+        norm = meta.normalization
+        images = len(meta.input_shape) == 3
+        recon_px = norm.to_pixels(recon.inputs.detach().float()) if recon.inputs is not None else None
+        pool = norm.to_pixels(truth.partition.float()) if truth.partition is not None else None
+        return score(recon_px, norm.to_pixels(truth.inputs), recon_labels=recon.labels, truth_labels=truth.labels,
+                     images=images, partition_pixels=pool, recovered_ssim=threshold,
+                     failed=bool(recon.stats.get("failed", False)))
+
+    return scorer
+
+
+default_scorer = make_scorer()
 
 
 # --- the wrapper ---------------------------------------------------------------------------------------------
@@ -154,6 +171,8 @@ class CuriousStrategy(Strategy):
     output: a directory for fedsim's result files (results.jsonl, rounds.jsonl, grids/, status.json), as a fedsim
         run writes them, so `fedsim-report` reads them; used when no `recorder` is given.
     view: the attacker's view of each observation under the defense (`Defense.observe`); identity by default.
+    partitions: client id -> that client's whole training partition (model space; `AGGREGATE_CLIENT`: every
+        contributing client's), for the scorer only (`identified`); never shown to an attack.
 
     Replies that carry `AGGREGATE_KEY` (secure aggregation) hold one aggregate, not individual updates: it is
     attacked once per round as client `AGGREGATE_CLIENT`, as a batch of all contributing clients' samples.
@@ -164,7 +183,8 @@ class CuriousStrategy(Strategy):
                  seed: int = 0, recorder: Recorder | None = None, scorer: Scorer = default_scorer,
                  drop_faulty: bool = True, min_clients: int = 1, arrayrecord_key: str | None = None,
                  client_of_node: Mapping[int, int] | None = None, output: str | None = None,
-                 view: Callable[[Observation], Observation] | None = None) -> None:
+                 view: Callable[[Observation], Observation] | None = None,
+                 partitions: Callable[[int], Tensor | None] | None = None) -> None:
         self.inner = strategy
         from attacks.base import build_attack
 
@@ -190,7 +210,9 @@ class CuriousStrategy(Strategy):
         self._global: dict[int, dict[str, Tensor]] = {}
         self._client_ids: dict[int, int] = dict(client_of_node or {})  # node id -> client id
         self._param_names: list[str] | None = None
+        self._buffers: frozenset[str] | None = None
         self.view = view
+        self.partitions = partitions
 
     # -- delegation ---------------------------------------------------------------------------------------------
     def start(self, *args, **kwargs):
@@ -275,7 +297,7 @@ class CuriousStrategy(Strategy):
                                              f"error code {reply.error.code}: {reply.error.reason[:300]}"))
                 continue
             client = self._client_of(reply)
-            problem = _check_arrays(reply, self.arrayrecord_key, global_state)
+            problem = _check_arrays(reply, self.arrayrecord_key, global_state, self._buffer_names())
             if problem is not None:
                 kind, detail = problem
                 self.recorder.on_fault(Fault(server_round, client, node, kind, detail))
@@ -296,19 +318,22 @@ class CuriousStrategy(Strategy):
                  truth: GroundTruth | None, *, client: int | None = None, batch_size: int | None = None,
                  num_examples: int | None = None, grant: Mapping[str, Any] | None = None) -> None:
         client = self._client_of(reply) if client is None else client
+        if truth is not None and self.partitions is not None:
+            truth = replace(truth, partition=self.partitions(client))
         model = self.model_fn()
         global_state = named_state(global_state, model)
         model.load_state_dict(global_state)
         model.eval()
         params = {name for name, _ in model.named_parameters()}
-        state = named_state({k: torch.from_numpy(v.numpy().copy())
-                             for k, v in reply.content[self.arrayrecord_key].items()}, model)
+        received = {k: torch.from_numpy(v.numpy().copy()) for k, v in reply.content[self.arrayrecord_key].items()}
+        state = named_state(received, model)
+        sent = set(named_state(received, model, fill=False))
         mode = self._mode(state, global_state, params)
         if mode == "fedsgd":
             update = {k: v for k, v in state.items() if k in params}
         else:
             update = {k: state[k] - global_state[k] for k in state if k in params}
-        buffers = {k: v for k, v in state.items() if k not in params} if self.threat.share_buffers else None
+        buffers = {k: v for k, v in state.items() if k not in params and k in sent}  # all the client sent
         meta = self._meta(mode, reply, model, truth, batch_size=batch_size, num_examples=num_examples)
         if grant:
             meta = replace(meta, private={**meta.private, **grant})
@@ -325,8 +350,9 @@ class CuriousStrategy(Strategy):
                 log.warning("attack %s failed on client %s round %s: %s", attack.name, client, server_round, error)
             seconds = time.perf_counter() - start
             scores = None
-            if recon is not None and truth is not None:
-                scores = self.scorer(recon, truth, meta)
+            if truth is not None:  # an attack that raised recovered nothing: scored so, not left out
+                scored = recon if recon is not None else Reconstruction(inputs=None, stats={"failed": True})
+                scores = self.scorer(scored, truth, meta)
             self.recorder.on_attack(AttackRecord(server_round, client, attack.name, seconds, recon, scores, error),
                                     truth, meta)
 
@@ -367,21 +393,32 @@ class CuriousStrategy(Strategy):
     def _known_client(self, node: int) -> int | None:
         return self._client_ids.get(node)
 
+    def _buffer_names(self) -> frozenset[str]:
+        """State-dict entries of the model that are not parameters (a client may keep them: fl.send_buffers)."""
+        if self._buffers is None:
+            model = self.model_fn()
+            self._buffers = frozenset(model.state_dict()) - {n for n, _ in model.named_parameters()}
+        return self._buffers
 
-def named_state(arrays: Mapping[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+
+def named_state(arrays: Mapping[str, Tensor], model: nn.Module, *, fill: bool = True) -> dict[str, Tensor]:
     """Arrays keyed by the model's state_dict names.
 
     Flower apps often send `ArrayRecord(list_of_ndarrays)` (keys "0", "1", ...): then the arrays are matched to
-    `model.state_dict()` (or, if fewer, to its parameters) in order, and their shapes must agree.
+    `model.state_dict()` (or, if fewer, to its parameters) in order, and their shapes must agree. Buffers the
+    client did not send (`fl.send_buffers=false`) are taken from `model` when `fill`, else left out.
     """
     reference = model.state_dict()
     if set(reference) <= set(arrays):
         return {k: arrays[k] for k in reference}
+    params = {n for n, _ in model.named_parameters()}
+    if params <= set(arrays) and set(arrays) <= set(reference):  # by name, some buffers withheld
+        return {k: arrays[k] if k in arrays else v for k, v in reference.items() if fill or k in arrays}
     values = list(arrays.values())
     for names in (list(reference), [n for n, _ in model.named_parameters()]):
         if len(names) == len(values) and all(tuple(v.shape) == tuple(reference[n].shape) for n, v in zip(names, values)):
             state = dict(zip(names, values))
-            return {**{k: v for k, v in reference.items() if k not in state}, **state}
+            return {**{k: v for k, v in reference.items() if k not in state and fill}, **state}
     raise ValueError(f"the ArrayRecord's {len(values)} arrays match neither the names nor the order of the model's "
                      f"state_dict ({len(reference)} entries): check model_fn builds the app's model")
 
@@ -404,8 +441,10 @@ def _targeted(client: int, targets: Any) -> bool:
     return client in set(targets)
 
 
-def _check_arrays(reply: Message, key: str, global_state: Mapping[str, Tensor] | None) -> tuple[str, str] | None:
-    """('nan' | 'shape', detail) when the reply's arrays are unusable, else None."""
+def _check_arrays(reply: Message, key: str, global_state: Mapping[str, Tensor] | None,
+                  optional: frozenset[str] = frozenset()) -> tuple[str, str] | None:
+    """('nan' | 'shape', detail) when the reply's arrays are unusable, else None. Names in `optional` (buffers a
+    client may keep to itself) may be missing."""
     arrays = reply.content.array_records.get(key)
     if arrays is None:
         return "shape", f"no ArrayRecord '{key}' in the reply"
@@ -420,8 +459,9 @@ def _check_arrays(reply: Message, key: str, global_state: Mapping[str, Tensor] |
         if np.issubdtype(nd.dtype, np.floating) and not np.isfinite(nd).all():
             return "nan", f"'{name}' holds {int((~np.isfinite(nd)).sum())} non-finite values"
     if global_state is not None and len(arrays) != len(global_state):
-        missing = sorted(set(global_state) - set(arrays.keys()))
-        return "shape", f"missing arrays {missing[:3]}"
+        missing = sorted(set(global_state) - set(arrays.keys()) - optional)
+        if missing:
+            return "shape", f"missing arrays {missing[:3]}"
     return None
 
 

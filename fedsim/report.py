@@ -1,6 +1,7 @@
 """`fedsim-report PATH`: one run or a whole sweep -> a tidy table, plots, reconstruction grids and one HTML page.
 
     fedsim-report multirun/spear_vs_defenses/small          # writes .../small/report/index.html
+    fedsim-report --markdown multirun/spear_vs_defenses/small   # prints the study table as Markdown (README's)
 
 PATH may be a run directory, a multirun directory, or any folder holding either: every directory below it with a
 `status.json` (or a `.hydra/` left by a job that died before starting) is one job. The report goes to
@@ -9,6 +10,7 @@ PATH may be a run directory, a multirun directory, or any folder holding either:
     table.csv, table.parquet   tidy: one row per run x round x client x attack, keyed by the overrides that
                                define the job (from its .hydra/overrides.yaml) plus round, client and attack
     runs.csv                   one row per job: its status, overrides, final accuracy, mean attack success
+    table.md                   the study table (one row per job: identified, exact, PSNR, SSIM, final accuracy)
     plots/*.png                attack success per round, against defense strength, the privacy-utility frontier,
                                and against any other swept number (batch size, width, ...)
     grids/<job>/*.png          each job's reconstruction grids (originals above reconstructions)
@@ -30,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from fedsim.console import study_markdown
 from fedsim.results import (CONFIG_FILE, GRID_DIR, RESULTS_FILE, ROUNDS_FILE, STATUS_FILE, read_jsonl,
                             read_status, run_state)
 
@@ -37,8 +40,8 @@ REPORT_DIR = "report"
 STATUSES = ("complete", "running", "incomplete", "failed", "invalid")
 # Columns of results.jsonl attack rows that describe the record itself rather than measure the attack.
 RECORD_KEYS = ("attack", "defense", "seed", "mode", "batch_size", "round", "client")
-METRICS = ("exact", "psnr", "ssim", "mse", "label_acc", "certified", "matched", "recovered", "batch",
-           "matching_loss", "seconds", "error")
+METRICS = ("identified", "exact", "recovered", "recovered_ssim", "psnr", "ssim", "mse", "label_acc", "certified",
+           "matched", "returned", "batch", "matching_loss", "seconds", "error")
 ROUND_FIXED = ("round", "seconds", "faults", "defense", "seed", "mode", "batch_size", "skipped", "sent",
                "received", "healthy")
 
@@ -321,10 +324,13 @@ def runs_table(jobs: list[Job], tidy=None):
                "final_accuracy": final_accuracy(_final_round(job)),
                "faults": sum(1 for r in job.results if r.get("kind") == "fault")}
         part = tidy[tidy["run"] == job.name] if "run" in tidy.columns else tidy.iloc[0:0]
-        for metric in ("exact", "psnr", "ssim", "label_acc", "seconds"):
+        for metric in ("identified", "exact", "recovered", "psnr", "ssim", "label_acc", "seconds"):
             if metric in part.columns:
                 values = pd.to_numeric(part[metric], errors="coerce").dropna()
                 row[f"mean_{metric}"] = float(values.mean()) if len(values) else None
+        attacked = part[part["attack"].notna()] if "attack" in part.columns else part.iloc[0:0]
+        raised = attacked["error"].notna() & (attacked["error"].astype(str) != "") if "error" in attacked else []
+        row["attacks"], row["attacks_raised"] = len(attacked), int(sum(raised))
         for col in ("defense", "strength", "strength_knob"):
             if col in part.columns and len(part):
                 row.setdefault(col, part[col].iloc[0])
@@ -370,7 +376,9 @@ def write_report(root: str | os.PathLike, out: str | os.PathLike | None = None, 
     tidy.to_csv(out / "table.csv", index=False)
     tidy.to_parquet(out / "table.parquet", index=False)
     runs.to_csv(out / "runs.csv", index=False)
-    plots = make_plots(tidy, runs, out / "plots")
+    (out / "table.md").write_text(study_markdown(runs))
+    notes: list[str] = []
+    plots = make_plots(tidy, runs, out / "plots", notes)
     grids: dict[str, list[Path]] = {}
     grid_root = out / GRID_DIR
     if grid_root.exists():
@@ -384,8 +392,17 @@ def write_report(root: str | os.PathLike, out: str | os.PathLike | None = None, 
             copied.append(target)
         grids[job.name] = copied
     page = render_page(out, title=title or _title(root, jobs), root=root, jobs=jobs, tidy=tidy,
-                       runs=runs, plots=plots, grids=grids, embed=embed)
+                       runs=runs, plots=plots, grids=grids, embed=embed, notes=notes)
     return Report(out, page, jobs, tidy, runs, plots)
+
+
+def markdown_table(root: str | os.PathLike) -> str:
+    """The study table of every job under `root` as Markdown (what `fedsim-report --markdown` prints)."""
+    root = Path(root).resolve()
+    jobs = collect(root) if root.is_dir() else []
+    if not jobs:
+        raise FileNotFoundError(f"no fedsim runs under {root} (a run directory holds status.json)")
+    return study_markdown(runs_table(jobs))
 
 
 def _title(root: Path, jobs: list[Job]) -> str:
@@ -412,7 +429,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--embed", action="store_true",
                         help="embed every image in index.html (one self-contained file)")
     parser.add_argument("--title", help="the page's title")
+    parser.add_argument("--markdown", action="store_true",
+                        help="only print the study table as Markdown (one row per run), write nothing")
     args = parser.parse_args(argv)
+    if args.markdown:
+        try:
+            print(markdown_table(args.path), end="")
+        except FileNotFoundError as err:
+            print(f"fedsim-report: {err}", file=sys.stderr)
+            return 2
+        return 0
     try:
         report = write_report(args.path, args.out, embed=args.embed, title=args.title)
     except FileNotFoundError as err:

@@ -254,11 +254,12 @@ class RunRecorder:
         recon, scores = record.reconstruction, record.scores
         row = {"kind": "attack", "round": record.round, "client": record.client, "attack": record.attack,
                **self.info}
-        for key in ("psnr", "ssim", "mse", "exact", "label_acc", "matched", "batch"):
+        for key in ("identified", "exact", "recovered", "psnr", "ssim", "mse", "label_acc", "matched", "batch",
+                    "recovered_ssim"):
             row[key] = getattr(scores, key) if scores is not None else None
         row["certified"] = recon.certified if recon is not None else None
         row["matching_loss"] = recon.matching_loss if recon is not None else None
-        row["recovered"] = int(recon.inputs.shape[0]) if recon is not None and recon.inputs is not None else 0
+        row["returned"] = int(recon.inputs.shape[0]) if recon is not None and recon.inputs is not None else 0
         row["recovered_labels"] = (recon.labels.tolist() if recon is not None and recon.labels is not None
                                    else None)
         row["seconds"] = record.seconds
@@ -340,11 +341,13 @@ class RunRecorder:
             recon_px = torch.full_like(truth_px, 0.5)
             recon_px[torch.as_tensor(cols)] = raw[torch.as_tensor(rows)]
             per = record.scores.per_sample_psnr if record.scores is not None else ()
+            found = record.scores.per_sample_identified if record.scores is not None else ()
             errors = relative_error(recon_px, truth_px)
             captions = []
             for i in range(truth_px.shape[0]):
                 psnr_i = per[i] if i < len(per) else float("nan")
-                mark = " exact" if i in set(cols.tolist()) and errors[i] <= EXACT_TOLERANCE else ""
+                mark = (" exact" if i in set(cols.tolist()) and errors[i] <= EXACT_TOLERANCE
+                        else " id" if i < len(found) and found[i] else "")
                 captions.append("-" if psnr_i != psnr_i else f"{psnr_i:.0f} dB{mark}")
         save_grid(self.writer.dir / GRID_DIR / self._name(record, "png"), truth_px, recon_px, self._title(record),
                   captions)

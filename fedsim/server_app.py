@@ -21,7 +21,7 @@ from defenses.base import build_defense
 from fedsim.client_app import AUDIT_FLAG, CONFIG_KEY
 from fedsim.config import RunConfig, validate
 from fedsim.errors import FedsimError
-from fedsim.hook import CLIENT_KEY, CuriousStrategy, ThreatModel
+from fedsim.hook import CLIENT_KEY, CuriousStrategy, ThreatModel, make_scorer
 from fedsim.results import ResultsWriter, RunRecorder
 
 log = logging.getLogger("fedsim")
@@ -122,17 +122,20 @@ def run_federation(grid: Grid, run: RunConfig, output: str, *, show_progress: bo
         if run.faults.dropout > 0:
             grid = LossyGrid(grid, run.faults, run.seed, partition_of)
         grid = defense.wrap_grid(grid, run)  # secure aggregation runs its protocol here
-        strategy = defense.wrap_strategy(FedsimStrategy(partition_of=partition_of, mode=run.fl.mode, lr=run.fl.lr,
-                                                        seed=run.seed, clients_per_round=run.fl.clients_per_round))
+        sampler = FedsimStrategy(partition_of=partition_of, mode=run.fl.mode, lr=run.fl.lr, seed=run.seed,
+                                 clients_per_round=run.fl.clients_per_round)
+        strategy = defense.wrap_strategy(sampler)
         t = run.threat
         threat = ThreatModel(
             mode=run.fl.mode, batch_size=run.fl.batch_size if t.batch_size else None,
             local_steps=run.fl.local_steps if t.local_steps else None, lr=run.fl.lr if t.lr else None,
             input_shape=bundle.input_shape, num_classes=bundle.num_classes, normalization=bundle.normalization,
-            grant_labels=t.labels, share_buffers=t.buffers)
+            grant_labels=t.labels)
         hook = CuriousStrategy(strategy, [attack], model_fn, threat, targets=run.targets.targets,
                                sample=run.targets.sample, seed=run.seed, recorder=recorder,
-                               min_clients=run.fl.min_clients, client_of_node=partition_of, view=defense.observe)
+                               min_clients=run.fl.min_clients, client_of_node=partition_of, view=defense.observe,
+                               scorer=make_scorer(run.metrics.recovered_ssim),
+                               partitions=partition_inputs(bundle, run))
         sample_rate = (run.fl.clients_per_round or run.fl.clients) / run.fl.clients
         eval_model = model_fn()
         last: dict = {}
@@ -142,7 +145,7 @@ def run_federation(grid: Grid, run: RunConfig, output: str, *, show_progress: bo
             eval_model.load_state_dict(arrays.to_torch_state_dict())
             accuracy, loss = evaluate(eval_model, bundle.test_x, bundle.test_y)
             row = {"accuracy": accuracy, "loss": loss,
-                   "seconds": time.perf_counter() - round_started[0], **defense.privacy(server_round, sample_rate)}
+                   "seconds": time.perf_counter() - round_started[0], **defense.privacy(server_round, sample_rate, releases=sampler.most_rounds())}
             recorder.on_evaluate(server_round, row)
             last.clear()
             last.update(round=server_round, **row)
@@ -161,6 +164,24 @@ def run_federation(grid: Grid, run: RunConfig, output: str, *, show_progress: bo
     writer.finish("complete")
     console.finish(str(writer.dir), "complete")
     return last
+
+
+def partition_inputs(bundle: Any, run: RunConfig):
+    """client id -> its training partition's inputs (model space), for the scorer's `identified`; the aggregate's
+    pseudo-client gets every client's. The same split the clients make (`fedsim.client_app.ClientPlan`)."""
+    import torch
+
+    from fedsim.data.partition import partition
+    from fedsim.hook import AGGREGATE_CLIENT
+
+    parts = [torch.as_tensor(p) for p in partition(bundle.train_y, run.fl.clients, run.partition, run.seed)]
+
+    def inputs(client: int):
+        if client == AGGREGATE_CLIENT:
+            return bundle.train_x[torch.cat(parts)]
+        return bundle.train_x[parts[client]] if 0 <= client < len(parts) else None
+
+    return inputs
 
 
 def _prefixed(strength: Mapping[str, float]) -> dict:

@@ -56,6 +56,11 @@ class FedsimStrategy(FedAvg):
         self.mode, self.lr, self.seed = mode, lr, seed
         self.clients_per_round = clients_per_round
         self._global: dict[int, dict[str, torch.Tensor]] = {}
+        self.rounds_taken: dict[int, int] = {}          # partition id -> rounds it was asked to train in
+
+    def most_rounds(self) -> int:
+        """The most rounds any one client was asked to train in so far (0 before the first)."""
+        return max(self.rounds_taken.values(), default=0)
 
     def sample(self, server_round: int) -> list[int]:
         """Partition ids of the clients trained in `server_round` (sorted)."""
@@ -69,11 +74,13 @@ class FedsimStrategy(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         config["server-round"] = server_round
-        if self.mode == "fedsgd":
-            self._global[server_round] = arrays.to_torch_state_dict()
+        self._global[server_round] = arrays.to_torch_state_dict()
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        chosen = self.sample(server_round)
+        for p in chosen:
+            self.rounds_taken[p] = self.rounds_taken.get(p, 0) + 1
         return [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=self.node_of[p],
-                        group_id=str(server_round)) for p in self.sample(server_round)]
+                        group_id=str(server_round)) for p in chosen]
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -88,8 +95,11 @@ class FedsimStrategy(FedAvg):
             if not valid:
                 return None, None
             contents = [m.content for m in valid]
-            return weighted_mean(contents, self.weighted_by_key), self.train_metrics_aggr_fn(
-                contents, self.weighted_by_key)
+            mean = weighted_mean(contents, self.weighted_by_key)
+            for name, value in (global_state or {}).items():  # buffers no client sent (fl.send_buffers=false)
+                if name not in mean:
+                    mean[name] = Array(value.numpy())
+            return mean, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
         if not valid or global_state is None:
             return None, None
         return self._sgd_step(valid, global_state), self.train_metrics_aggr_fn(
@@ -107,6 +117,9 @@ class FedsimStrategy(FedAvg):
                 buffers.update(info["buffers"])
         new_state = {}
         for name, value in global_state.items():
+            if any(name not in s for s in states):  # a buffer the clients keep (fl.send_buffers=false)
+                new_state[name] = value
+                continue
             if not value.is_floating_point():
                 new_state[name] = states[0].get(name, value) if name in buffers else value
                 continue

@@ -60,7 +60,7 @@ class TrainMeta:
 
 @dataclass(frozen=True)
 class Observation:
-    """One client's update in one round, as the server sees it.
+    """One client's update in one round, as the server sees it: everything the client sent.
 
     `update` maps parameter names (as in `model.named_parameters()`) to tensors: the gradient of the mean batch
     loss in FedSGD, the weight delta `local - global` in FedAvg. Tensors are float32 unless the model is not.
@@ -71,7 +71,8 @@ class Observation:
     model: nn.Module                       # a private copy of the global model the server sent (eval mode)
     update: Mapping[str, Tensor]
     meta: TrainMeta
-    buffers: Mapping[str, Tensor] | None = None  # BatchNorm statistics the client sent, when shared
+    buffers: Mapping[str, Tensor] = field(default_factory=dict)  # every non-parameter array the client sent
+    #   (BatchNorm running statistics, ...), by state-dict name; empty when it sent none (fl.send_buffers=false)
 
     def gradient(self) -> dict[str, Tensor]:
         """The update as a gradient: itself in FedSGD; `-delta / lr` in FedAvg (exact for one local step)."""

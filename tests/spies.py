@@ -16,3 +16,15 @@ class SpyUpdates(Attack):
     def reconstruct(self, obs):
         SEEN.append((obs.round, obs.client, {k: v.clone() for k, v in obs.update.items()}, obs.meta.batch_size))
         return Reconstruction(inputs=None)
+
+
+BUFFERS_SEEN: list[tuple[int, int, dict]] = []   # (round, client, buffers the observation holds)
+
+
+@register_attack("spy_buffers")
+class SpyBuffers(Attack):
+    name = "spy_buffers"
+
+    def reconstruct(self, obs):
+        BUFFERS_SEEN.append((obs.round, obs.client, {k: v.clone() for k, v in obs.buffers.items()}))
+        return Reconstruction(inputs=None)

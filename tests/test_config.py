@@ -25,6 +25,8 @@ def test_the_default_config_is_valid():
     ("attack.targets=7", r"attack.targets=7 is invalid"),
     ("faults.crash=1.5", r"faults.crash=1.5 is invalid: expected a number <= 1.0"),
     ("+seedd=1", r"seedd=1 is invalid: expected a known key"),
+    ("+threat.buffers=false", r"threat.buffers=False is invalid: expected no such key: the server always sees .*"
+                              r"fl.send_buffers=false"),
 ])
 def test_bad_values_name_the_key_the_value_and_what_is_allowed(override, pattern):
     with pytest.raises(ConfigError, match=pattern):

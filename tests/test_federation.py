@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from tests.conftest import fedsim_run
 
@@ -56,3 +57,24 @@ def test_clients_per_round_samples_reproducibly(tmp_path):
 def test_synthetic_vectors_run_and_are_scored_without_ssim(tmp_path):
     r = fedsim_run(tmp_path, "data=synthetic", "fl.batch_size=1", "attack=analytic", "fl.rounds=1")
     assert all(a["exact"] == 1.0 and a["ssim"] is None for a in r.attacks())
+
+
+@pytest.mark.parametrize("mode", ["fedsgd", "fedavg"])
+def test_the_server_sees_every_buffer_a_client_sends_and_none_it_keeps(tmp_path, mode):
+    """BatchNorm statistics reach the attacker's Observation; with fl.send_buffers=false they are really not sent
+    (the observation holds none) and aggregation keeps the server's own."""
+    import tests.spies as spies
+
+    common = ["data=digits", "model.widths=[16,16]", "defense=keylock", "defense.key_dim=8",
+              "defense.client_evaluation=false", "attack=keylock_stats", "attack.name=spy_buffers", "fl.clients=2", "fl.rounds=2",
+              f"fl.mode={mode}"]
+    spies.BUFFERS_SEEN.clear()
+    sent = fedsim_run(tmp_path, *common, name="sent")
+    assert sent.status["state"] == "complete" and not sent.faults()
+    names = {k for _, _, buffers in spies.BUFFERS_SEEN for k in buffers}
+    assert {"net.1.norm.running_mean", "net.1.norm.running_var"} <= names
+    assert all(not torch.equal(b["net.1.norm.running_mean"], torch.zeros(16)) for _, _, b in spies.BUFFERS_SEEN)
+    spies.BUFFERS_SEEN.clear()
+    kept = fedsim_run(tmp_path, *common, "fl.send_buffers=false", name="kept")
+    assert kept.status["state"] == "complete" and not kept.faults()
+    assert len(spies.BUFFERS_SEEN) == 4 and all(b == {} for _, _, b in spies.BUFFERS_SEEN)

@@ -151,3 +151,49 @@ def test_faulty_replies_are_recorded_and_left_out():
     assert len(recorder.attacks) == 1                      # only the healthy reply was attacked
     assert len(inner.replies) == 2                         # healthy + the error reply FedAvg filters itself
     assert all(np.isfinite(v.numpy()).all() for v in result.arrays.values())
+
+
+class FailsOnClient1(Spy):
+    """The analytic inversion, except that it raises on client 1's updates."""
+
+    name = "fails_on_1"
+
+    def reconstruct(self, obs):
+        if obs.client == 1:
+            raise RuntimeError("no solution")
+        return super().reconstruct(obs)
+
+
+def test_an_attack_that_raises_on_one_healthy_client_is_scored_as_recovering_nothing_there(tmp_path):
+    """Not left out: the summaries count client 1's sample as lost (2 of 3 identified, not 2 of 2)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedsim.console import RunConsole
+    from fedsim.results import ResultsWriter, RunRecorder
+
+    secret = [torch.randn(1, 6) for _ in range(3)]
+    grid = InlineGrid(_client_app(secret), 3)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, grid.run_id, 0
+    writer = ResultsWriter(tmp_path)
+    writer.start("", 1)
+    console = RunConsole(1, "t", enabled=False)
+    recorder = RunRecorder(writer, run_info={}, rounds=1, grid_clients=0, console=console)
+    partitions = {p: torch.cat([secret[p], torch.randn(9, 6)]) for p in range(3)}
+    hook = CuriousStrategy(FedAvg(min_available_nodes=1, min_train_nodes=1, fraction_evaluate=0.0),
+                           [FailsOnClient1()], _model, ThreatModel(mode="fedsgd", input_shape=(6,)),
+                           recorder=recorder, partitions=partitions.get)
+    hook.start(grid, ArrayRecord(_model().state_dict()), num_rounds=1,
+               evaluate_fn=lambda r, a: recorder.on_evaluate(r, {"accuracy": 0.5}) or MetricRecord({}))
+    rows = {r["client"]: r for r in writer_rows(tmp_path)}
+    assert rows[1]["error"] == "RuntimeError: no solution"
+    assert (rows[1]["identified"], rows[1]["exact"], rows[1]["batch"]) == (0.0, 0.0, 1)
+    assert rows[0]["identified"] == rows[0]["exact"] == 1.0
+    stats = console.rows[-1]["attacks"]["fails_on_1"]
+    assert stats["identified"] == pytest.approx(2 / 3) and stats["exact"] == pytest.approx(2 / 3)
+    assert stats["errors"] == 1
+
+
+def writer_rows(directory):
+    from fedsim.results import read_jsonl
+
+    return [r for r in read_jsonl(directory / "results.jsonl") if r.get("kind") == "attack"]

@@ -1,6 +1,7 @@
 """defense=keylock: the locked block, private layers that never leave the client, and what attackers can do."""
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -108,7 +109,8 @@ def test_keylock_mod_restores_the_private_layers_on_download_and_strips_them_fro
 
 
 def test_batch_statistics_make_every_gradient_blind_to_the_batch_mean_and_contrast():
-    """norm=batch: x_i -> c + t (x_i - mean) changes no gradient, so no attacker can recover the batch exactly."""
+    """norm=batch: x_i -> c + t (x_i - mean) changes no gradient: the gradients alone do not give the batch (its
+    BatchNorm statistics do: tests/test_keylock_stats.py)."""
     defense = _defense(key_dim=64)
     model = _client_model(defense).train()
     g = torch.Generator().manual_seed(1)
@@ -317,7 +319,15 @@ def test_with_batch_statistics_spear_through_the_lock_gets_the_batch_only_up_to_
     rc, tc = r - r.mean(0), t - t.mean(0)
     scale = float((rc * tc).sum() / (rc * rc).sum())
     assert float((scale * rc - tc).norm() / tc.norm()) < 1e-4
-    assert float((r - t).norm() / t.norm()) > 0.1      # but not the batch: its mean and contrast are lost
+    assert float((r - t).norm() / t.norm()) > 0.1      # but not the batch: the gradients lose mean and contrast
+    # ... which the block's running statistics, sent with the update, give back: the batch itself
+    client_stats = {k: v for k, v in client.state_dict().items() if k.endswith(("running_mean", "running_var"))}
+    obs = replace(obs, buffers=client_stats)
+    with single_thread():
+        whole = KeyLockSpear(KeyLockSpearConfig(max_seconds=30)).reconstruct(obs)
+    assert whole.stats["statistics"] == "running"
+    r = whole.inputs[torch.as_tensor(match(whole.inputs, x)[0])].double()
+    assert float((r - x[torch.as_tensor(match(whole.inputs, x)[1])].double()).norm() / x.double().norm()) < 1e-3
 
 
 def test_running_statistics_move_in_a_clients_model_and_stay_put_in_the_servers():

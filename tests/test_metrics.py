@@ -53,3 +53,58 @@ def test_vectors_get_psnr_over_their_range_and_no_ssim():
     s = score(truth + 0.04, truth, images=False)
     assert s.ssim is None
     assert s.psnr == pytest.approx(10 * math.log10(16 / 0.0016), abs=1e-3)
+
+
+def _images(n, seed, side=8):
+    return torch.rand(n, 1, side, side, generator=torch.Generator().manual_seed(seed))
+
+
+def test_samples_the_attack_did_not_return_count_as_failures_in_every_average():
+    truth = _images(4, 3)
+    pool = torch.cat([truth, _images(40, 4)])
+    full, half = score(truth.clone(), truth, partition_pixels=pool), score(truth[:2].clone(), truth, partition_pixels=pool)
+    assert full.identified == 1.0 and full.recovered == 1.0 and full.exact == 1.0 and full.psnr == PSNR_CAP
+    assert half.identified == 0.5 and half.recovered == 0.5 and half.exact == 0.5
+    grey = float(psnr(torch.full_like(truth[2:], 0.5), truth[2:]).mean())     # a missing sample: the mid-grey guess
+    assert half.psnr == pytest.approx((2 * PSNR_CAP + 2 * grey) / 4, rel=1e-5)
+    assert half.ssim < 0.6 < full.ssim and half.per_sample_identified == (True, True, False, False)
+
+
+def test_an_attack_that_raised_recovers_nothing():
+    truth = _images(4, 5)
+    s = score(None, truth, partition_pixels=truth, failed=True)
+    assert (s.identified, s.recovered, s.exact, s.matched) == (0.0, 0.0, 0.0, 0)
+    assert s.psnr == pytest.approx(float(psnr(torch.full_like(truth, 0.5), truth).mean()), rel=1e-5)
+
+
+def test_identified_needs_the_reconstruction_nearer_its_true_sample_than_a_near_duplicate():
+    """The client holds x and a near-duplicate x'; a reconstruction between them does not identify x."""
+    truth = _images(2, 6)
+    twin = (truth[0] + 0.02 * torch.randn(truth[0].shape, generator=torch.Generator().manual_seed(7))).clamp(0, 1)
+    pool = torch.cat([truth, twin[None], truth[1:].clone(), _images(20, 8)])   # truth[1] held twice: one sample
+    towards_x = torch.stack([0.6 * truth[0] + 0.4 * twin, truth[1]])
+    towards_twin = torch.stack([0.4 * truth[0] + 0.6 * twin, truth[1]])
+    assert score(towards_x, truth, partition_pixels=pool).per_sample_identified == (True, True)
+    assert score(towards_twin, truth, partition_pixels=pool).per_sample_identified == (False, True)
+    # both look like the original: recovered by SSIM, but only one picks the right sample out
+    assert score(towards_twin, truth, partition_pixels=pool).recovered == 1.0
+
+
+def test_noise_keeps_a_sample_identified_long_after_it_stops_being_exact_or_recovered():
+    truth = _images(4, 9, side=16)
+    pool = torch.cat([truth, _images(60, 10, side=16)])
+    g = torch.Generator().manual_seed(11)
+    slight = score(truth + 0.01 * torch.randn(truth.shape, generator=g), truth, partition_pixels=pool)
+    heavy = score(truth + 0.3 * torch.randn(truth.shape, generator=g), truth, partition_pixels=pool)
+    assert slight.exact == 0.0 and slight.recovered == 1.0 and slight.identified == 1.0
+    assert heavy.recovered == 0.0 and heavy.identified == 1.0
+    unrelated = score(_images(4, 12, side=16), truth, partition_pixels=pool)
+    assert unrelated.identified <= 0.25 and unrelated.recovered == 0.0
+
+
+def test_the_recovered_threshold_is_a_parameter_and_is_recorded():
+    truth = _images(4, 13, side=16)
+    noisy = truth + 0.05 * torch.randn(truth.shape, generator=torch.Generator().manual_seed(14))
+    loose, strict = score(noisy, truth, recovered_ssim=0.5), score(noisy, truth, recovered_ssim=0.999)
+    assert (loose.recovered, loose.recovered_ssim) == (1.0, 0.5) and (strict.recovered, strict.recovered_ssim) == (0.0, 0.999)
+    assert loose.identified is None   # no partition given: not measured

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from defenses.base import DefenseContext, build_defense
-from defenses.noise import clip_update, gaussian_epsilon, l2_norm
+from defenses.noise import clip_update, gaussian_epsilon, l2_norm, local_epsilon
 
 
 def _ctx(seed=0):
@@ -70,19 +70,35 @@ def test_without_clipping_sigma_is_the_absolute_std_and_the_input_is_not_rescale
     assert float(noise.std()) == pytest.approx(0.05, rel=0.02)
 
 
-def test_gaussian_with_clipping_reports_epsilon_per_round_and_cumulative_from_the_rdp_accountant():
+def test_gaussian_with_clipping_reports_the_replace_one_epsilon_without_amplification():
     defense = build_defense({"name": "noise", "clip": 1.0, "sigma": 1.0, "delta": 1e-5})
-    p10 = defense.privacy(10, 1.0)
-    assert p10["privacy"] == "dp" and p10["delta"] == 1e-5
-    assert p10["epsilon"] == pytest.approx(19.0536, rel=1e-3)          # 10 Gaussian mechanisms, sigma 1, delta 1e-5
-    assert p10["epsilon_round"] == pytest.approx(defense.privacy(1, 1.0)["epsilon"])
-    assert defense.privacy(1, 1.0)["epsilon"] < defense.privacy(5, 1.0)["epsilon"] < p10["epsilon"]
-    sampled = defense.privacy(10, 0.25)
-    assert sampled["epsilon"] < p10["epsilon"]                           # amplification by subsampling ...
-    assert sampled["epsilon_server"] == pytest.approx(p10["epsilon"])    # ... but not against the server that sampled
+    p40 = defense.privacy(40, 1.0)
+    assert p40["privacy"] == "dp" and p40["delta"] == 1e-5 and p40["relation"] == "replace-one"
+    assert p40["epsilon"] == pytest.approx(138.688, rel=1e-3)          # replace-one, sigma 1, 40 rounds, delta 1e-5
+    assert p40["epsilon_third_party"] == pytest.approx(48.802, rel=1e-3)  # add/remove, the DP-FedAvg figure
+    assert p40["epsilon_round"] == pytest.approx(defense.privacy(1, 1.0)["epsilon"])
+    assert defense.privacy(1, 1.0)["epsilon"] < defense.privacy(5, 1.0)["epsilon"] < p40["epsilon"]
+    sampled = defense.privacy(40, 0.25)
+    assert sampled["epsilon"] == pytest.approx(p40["epsilon"])          # no amplification against the server
+    assert sampled["epsilon_third_party"] < p40["epsilon_third_party"]  # only against one who does not know the sample
+    assert defense.privacy(40, 0.25, releases=12)["epsilon"] == pytest.approx(defense.privacy(12, 1.0)["epsilon"])
 
 
-def test_dp_accounting_agrees_with_opacus_rdp():
+@pytest.mark.parametrize("relation,noise_multiplier,expected", [("replace-one", 0.5, 138.688),
+                                                                ("add/remove", 1.0, 48.802)])
+def test_the_accountant_agrees_with_opacus_rdp_for_both_relations(relation, noise_multiplier, expected):
+    """sigma 1, 40 rounds, delta 1e-5; replace-one is add/remove at noise multiplier sigma / 2 (sensitivity 2C)."""
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    for _ in range(40):
+        accountant.step(noise_multiplier=noise_multiplier, sample_rate=1.0)
+    opacus_eps = accountant.get_epsilon(delta=1e-5)
+    ours = local_epsilon(1.0, 40, 1e-5) if relation == "replace-one" else gaussian_epsilon(1.0, 1.0, 40, 1e-5)
+    assert ours == pytest.approx(opacus_eps, rel=1e-3) and ours == pytest.approx(expected, rel=1e-3)
+
+
+def test_dp_accounting_agrees_with_opacus_rdp_under_subsampling():
     from opacus.accountants import RDPAccountant
 
     accountant = RDPAccountant()
@@ -104,19 +120,38 @@ def test_noise_strength_is_recorded():
     assert s == {"clip": 0.5, "sigma": 0.2, "mechanism": "gaussian", "scale": pytest.approx(0.1)}
 
 
-def test_noise_epsilon_and_accuracy_are_recorded_every_round_in_a_federation(tmp_path):
+def test_noise_epsilon_is_the_worst_clients_composition_over_the_rounds_it_took_part_in(tmp_path):
+    from fedsim.strategy import FedsimStrategy
     from tests.conftest import fedsim_run
 
     r = fedsim_run(tmp_path, "data=digits", "model.widths=[32]", "fl.rounds=3", "fl.batch_size=4",
                    "attack=analytic", "attack.targets=1", "defense=noise", "defense.sigma=1.0", "defense.clip=1.0",
-                   "fl.clients=4", "fl.clients_per_round=2")
+                   "fl.clients=4", "fl.clients_per_round=1")
     rows = [row for row in r.rounds if row["round"] >= 1]
     assert [row["round"] for row in rows] == [1, 2, 3]
-    eps = [row["epsilon"] for row in rows]
-    assert eps[0] < eps[1] < eps[2]
-    assert eps[2] == pytest.approx(gaussian_epsilon(1.0, 0.5, 3, 1e-5))
-    assert all(0.0 <= row["accuracy"] <= 1.0 and row["epsilon_round"] == pytest.approx(eps[0]) for row in rows)
+    sampler = FedsimStrategy(partition_of={n: n for n in range(4)}, mode="fedsgd", lr=0.1, seed=0, clients_per_round=1)
+    taken = [0] * 4
+    for row in rows:  # the clients the server itself sampled (seed 0), counted per client
+        for p in sampler.sample(row["round"]):
+            taken[p] += 1
+        assert row["epsilon_releases"] == max(taken)
+        assert row["epsilon"] == pytest.approx(local_epsilon(1.0, max(taken), 1e-5))
+    assert max(taken) == 2 < len(rows)                      # client 1 took part in rounds 2 and 3 (seed 0)
+    assert rows[-1]["epsilon_third_party"] == pytest.approx(gaussian_epsilon(1.0, 0.25, 3, 1e-5))
+    assert all(0.0 <= row["accuracy"] <= 1.0 and row["epsilon_round"] == pytest.approx(local_epsilon(1.0, 1, 1e-5))
+               for row in rows)
     assert all(a["defense_sigma"] == 1.0 and a["defense_clip"] == 1.0 for a in r.attacks())
+
+
+def test_full_participation_over_40_rounds_reports_the_replace_one_value(tmp_path):
+    """The done-when case: defense=noise sigma 1 clip 1, 40 rounds, all clients every round."""
+    from tests.conftest import fedsim_run
+
+    r = fedsim_run(tmp_path, "data=synthetic", "model.widths=[4]", "fl.rounds=40", "fl.batch_size=2", "fl.clients=2",
+                   "attack=labels", "defense=noise", "defense.sigma=1.0", "defense.clip=1.0", "output.grid_clients=0")
+    last = r.rounds[-1]
+    assert last["round"] == 40 and last["epsilon_releases"] == 40
+    assert last["epsilon"] == pytest.approx(138.688, rel=0.01)
 
 
 SPEAR_FC = ("data=digits", "model=fc", "model.widths=[256,256]", "fl.batch_size=8", "fl.rounds=1", "fl.clients=4",
@@ -137,3 +172,24 @@ def test_spear_is_exact_without_noise_and_recovers_nothing_exactly_past_the_nois
     assert len(clean) == len(noisy) == 2
     assert all(a["exact"] == 1.0 and a["certified"] for a in clean)
     assert all(a["exact"] == 0.0 and not a["certified"] for a in noisy)
+
+
+def test_resnet18_batchnorm_statistics_are_clipped_and_noised_with_the_update(tmp_path):
+    """What the server receives of every BatchNorm running statistic carries the noise (std sigma * clip around
+    the global value), so the epsilon the run reports covers it."""
+    import tests.spies as spies
+    from tests.conftest import fedsim_run
+
+    spies.BUFFERS_SEEN.clear()
+    r = fedsim_run(tmp_path, "data=digits", "model=resnet18", "fl.clients=2", "fl.rounds=1", "fl.batch_size=4",
+                   "attack=keylock_stats", "attack.name=spy_buffers", "defense=noise", "defense.sigma=1.0",
+                   "defense.clip=1.0", "output.grid_clients=0")
+    assert r.rounds[-1]["epsilon"] == pytest.approx(local_epsilon(1.0, 1, 1e-5))
+    assert len(spies.BUFFERS_SEEN) == 2
+    for _, _, buffers in spies.BUFFERS_SEEN:
+        means = torch.cat([v.flatten() for k, v in buffers.items() if k.endswith("running_mean")])
+        variances = torch.cat([v.flatten() - 1.0 for k, v in buffers.items() if k.endswith("running_var")])
+        assert len(means) > 1000
+        # global: mean 0, var 1; the clean move is 0.1 x the batch statistic, small beside noise of std 1
+        assert float(means.std()) == pytest.approx(1.0, rel=0.1) and float(variances.std()) == pytest.approx(1.0, rel=0.1)
+        assert all(int(v) == 1 for k, v in buffers.items() if k.endswith("num_batches_tracked"))

@@ -83,7 +83,9 @@ def test_the_report_has_plots_grids_and_one_page_linking_them(report):
     assert all(f"src='{g.relative_to(report.directory).as_posix()}'" in page for g in grids)
     for status in ("complete", "invalid"):
         assert f">{status}</span>" in page
-    assert "analytic with no defense: exact" in page                   # findings in words
+    # findings in words: what leaked, or why nothing was measured
+    assert "analytic vs fl.batch_size=1: no defense: identified 100%, exact 100%" in page
+    assert "fl.batch_size=5000: not applicable: not run, the configuration was refused: fl.batch_size=5000" in page
     assert "<code class='cmd'>fedsim attack=analytic data=digits model.widths=[32]" in page  # repeat one run
     assert "<script" not in page and "http" not in page                 # static, nothing fetched
 
@@ -103,6 +105,11 @@ def test_the_command_line_writes_the_report_and_says_where(sweep, tmp_path, caps
     out = capsys.readouterr().out
     assert "3 run(s): 2 complete, 1 invalid" in out and str(tmp_path / "cli" / "index.html") in out
     assert main([str(tmp_path / "empty-nothing")]) == 2
+    capsys.readouterr()
+    assert main(["--markdown", str(sweep)]) == 0                        # the study table, as README shows it
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "| setting | identified | exact | PSNR dB | SSIM | final acc |" and len(lines) == 2 + 3
+    assert "| fl.batch_size=1 | 100% | 100% | 100.0 |" in "\n".join(lines)
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["fedsim-report"] == "fedsim.report:main"
 
@@ -178,3 +185,41 @@ def test_runs_made_from_python_are_keyed_by_the_config_values_that_differ(tmp_pa
     assert list(report.runs["fl.batch_size"]) == [1, 2] and "fl.rounds" not in report.runs.columns
     assert list(report.runs["mean_exact"]) == [1.0, 0.0]
     assert "sweep_fl.batch_size.png" in {p.name for p in report.plots}
+
+
+def _rows(**columns):
+    return pd.DataFrame(columns)
+
+
+@pytest.mark.parametrize("rows,status,expected", [
+    (_rows(attack=["spear"] * 2, identified=[0.5, 0.0], exact=[0.25, 0.0], error=[None, None]), "complete", "leaked"),
+    (_rows(attack=["spear"] * 2, identified=[0.0, 0.0], exact=[0.0, 0.0], error=[None, None],
+           **{"stats.budget_exhausted": [False, True]}), "complete", "attack out of budget"),
+    (_rows(attack=["spear"] * 2, identified=[0.0, 0.0], exact=[0.0, 0.0], error=[None, None],
+           **{"stats.budget_exhausted": [False, False]}), "complete", "defense held"),
+    (_rows(attack=["spear"] * 2, identified=[0.0, 0.0], exact=[0.0, 0.0], error=[None, None]), "complete",
+     "defense held"),                                                   # no budget_exhausted recorded: false
+    (_rows(attack=["spear"] * 2, identified=[0.0, 0.0], exact=[0.0, 0.0], error=["ReconstructionFailed: x"] * 2),
+     "complete", "failed"),
+    (None, "invalid", "not applicable"),
+    (None, "failed", "failed"),
+])
+def test_findings_say_why_nothing_leaked(rows, status, expected):
+    from experiments.page import verdict
+
+    kind, why = verdict(rows, status, "keylock_spear needs a Linear" if status != "complete" else None)
+    assert kind == expected and why
+
+
+def test_an_attack_that_always_raised_gets_no_plot_and_a_note_saying_so(tmp_path):
+    from experiments.plots import make_plots
+
+    df = _rows(run=["a", "a", "b", "b"], label=["x", "x", "y", "y"], attack=["spear", "spear", "other", "other"],
+               defense=["none"] * 4, round=[1, 2, 1, 2], identified=[0.0, 0.0, 1.0, 1.0], exact=[0.0, 0.0, 1.0, 1.0],
+               psnr=[5.0, 5.0, 100.0, 100.0], error=["RuntimeError: boom"] * 2 + [None] * 2,
+               final_accuracy=[0.5] * 4, strength=[0.0] * 4, strength_knob=[None] * 4, seed=[0] * 4)
+    notes: list[str] = []
+    plots = make_plots(df, None, tmp_path, notes)
+    assert [p.name for p in plots] == ["attack_per_round.png", "privacy_utility.png"]
+    assert any(n.startswith("No plots for spear: every attack raised (RuntimeError: boom)") for n in notes)
+    assert any("no defense was run at two or more strengths" in n for n in notes)
