@@ -517,7 +517,15 @@ def certify(problem: Problem, Q: Tensor) -> tuple[Tensor, Tensor]:
     x_norm = (Qinv @ problem.R).norm(dim=2)                                        # (P, b)
     Z = problem.WR @ Qinv.mT + problem.bias[:, None]                               # (P, m, b)
     band = problem.tol * (problem.W_norm[:, None] * x_norm[:, None, :] + problem.bias.abs()[:, None])
-    dots = (problem.unit_rows @ (Q / Q.norm(dim=1, keepdim=True))).abs()            # (P, m, b)
+    qbar = Q / Q.norm(dim=1, keepdim=True)
+    dots = (problem.unit_rows @ qbar).abs()                                         # (P, m, b)
+    if problem.noise_std > 0 and problem.singular_values is not None:
+        # A row of small norm carries the same absolute noise as any other (see `zero_tolerance`): its relative
+        # value can exceed tol on a true zero. An entry within the noise is left undecided (in neither band).
+        sigma = problem.noise_std * (qbar / problem.singular_values[None, :, None]).norm(dim=1)        # (P, b)
+        raw = dots * problem.row_norm[None, :, None]
+        undecided = (raw <= _ZERO_SIGMAS * sigma[:, None, :]) & (dots > problem.tol / 30)
+        dots = torch.where(undecided, torch.full_like(dots, problem.tol / 2), dots)
     positive, negative = Z > band, Z < -band
     if problem.WR_after is not None:
         # Several local steps: a sample's ReLU pattern was set at some step in between. Judge only entries whose
