@@ -9,6 +9,8 @@ matching. Only the scorer sees ground truth; attacks never do.
 - `exact`: fraction of TRUE samples recovered exactly: relative L2 error ||x_hat - x|| / ||x|| <= 1e-3
   (unclamped pixels). Unmatched true samples count as not recovered.
 - `label_acc`: fraction of true labels recovered (matched pairs when inputs exist, multiset overlap otherwise).
+- `label_set_acc`: fraction of true labels recovered as a multiset, whatever the image matching: the overlap of
+  the recovered and the true label multisets over the batch (label-only attacks recover exactly this).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class Scores:
     mse: float | None = None
     exact: float | None = None
     label_acc: float | None = None
+    label_set_acc: float | None = None  # multiset overlap / b, independent of the image matching
     matched: int = 0               # reconstructions paired with a true sample
     batch: int = 0                 # true samples
     per_sample_psnr: tuple[float, ...] = ()  # in the order of the true samples (NaN when unmatched)
@@ -77,11 +80,12 @@ def score(recon_pixels: Tensor | None, truth_pixels: Tensor, *, recon_labels: Te
     `images=False` (vector data): psnr uses the true samples' value range, and ssim is not computed.
     """
     b = truth_pixels.shape[0]
-    label_acc = None
+    label_acc = label_set_acc = None
+    if recon_labels is not None and truth_labels is not None:
+        label_set_acc = _multiset_overlap(recon_labels.cpu(), truth_labels.cpu()) / b
     if recon_pixels is None or recon_pixels.shape[0] == 0:
-        if recon_labels is not None and truth_labels is not None:
-            label_acc = _multiset_overlap(recon_labels, truth_labels) / b
-        return Scores(label_acc=label_acc, batch=b, per_sample_psnr=tuple([float("nan")] * b))
+        return Scores(label_acc=label_set_acc, label_set_acc=label_set_acc, batch=b,
+                      per_sample_psnr=tuple([float("nan")] * b))
 
     recon_pixels = recon_pixels.detach().cpu().float().reshape(recon_pixels.shape[0], *truth_pixels.shape[1:])
     truth_pixels = truth_pixels.detach().cpu().float()
@@ -103,9 +107,7 @@ def score(recon_pixels: Tensor | None, truth_pixels: Tensor, *, recon_labels: Te
     if recon_labels is not None and truth_labels is not None:
         label_acc = float((recon_labels.cpu()[rows] == truth_labels.cpu()[cols]).sum()) / b
     return Scores(psnr=float(psnr_each.mean()), ssim=ssim_value, mse=float(mse_each.mean()), exact=exact,
-                  label_acc=label_acc, matched=len(rows), batch=b, per_sample_psnr=tuple(per_sample))
-
-
+                  label_acc=label_acc, label_set_acc=label_set_acc, matched=len(rows), batch=b, per_sample_psnr=tuple(per_sample))
 
 
 def _multiset_overlap(a: Tensor, b: Tensor) -> int:

@@ -37,8 +37,8 @@ REPORT_DIR = "report"
 STATUSES = ("complete", "running", "incomplete", "failed", "invalid")
 # Columns of results.jsonl attack rows that describe the record itself rather than measure the attack.
 RECORD_KEYS = ("attack", "defense", "seed", "mode", "batch_size", "round", "client")
-METRICS = ("exact", "psnr", "ssim", "mse", "label_acc", "certified", "matched", "recovered", "batch",
-           "matching_loss", "seconds", "error")
+METRICS = ("exact", "psnr", "ssim", "mse", "label_acc", "label_set_acc", "certified", "matched", "recovered",
+           "batch", "matching_loss", "seconds", "error")
 ROUND_FIXED = ("round", "seconds", "faults", "defense", "seed", "mode", "batch_size", "skipped", "sent",
                "received", "healthy")
 
@@ -321,7 +321,7 @@ def runs_table(jobs: list[Job], tidy=None):
                "final_accuracy": final_accuracy(_final_round(job)),
                "faults": sum(1 for r in job.results if r.get("kind") == "fault")}
         part = tidy[tidy["run"] == job.name] if "run" in tidy.columns else tidy.iloc[0:0]
-        for metric in ("exact", "psnr", "ssim", "label_acc", "seconds"):
+        for metric in ("exact", "psnr", "ssim", "label_acc", "label_set_acc", "seconds"):
             if metric in part.columns:
                 values = pd.to_numeric(part[metric], errors="coerce").dropna()
                 row[f"mean_{metric}"] = float(values.mean()) if len(values) else None

@@ -86,6 +86,11 @@ class ResultsWriter:
             self._sync(RESULTS_FILE, ROUNDS_FILE)
         self._write_status()
 
+    def update_status(self, **fields: Any) -> None:
+        """Further facts in status.json (e.g. warnings), written now."""
+        self._status.update(fields)
+        self._write_status()
+
     def finish(self, state: str = "complete", error: str | None = None) -> None:
         self._status.update(state=state, finished_at=time.time())
         if error:
@@ -254,7 +259,7 @@ class RunRecorder:
         recon, scores = record.reconstruction, record.scores
         row = {"kind": "attack", "round": record.round, "client": record.client, "attack": record.attack,
                **self.info}
-        for key in ("psnr", "ssim", "mse", "exact", "label_acc", "matched", "batch"):
+        for key in ("psnr", "ssim", "mse", "exact", "label_acc", "label_set_acc", "matched", "batch"):
             row[key] = getattr(scores, key) if scores is not None else None
         row["certified"] = recon.certified if recon is not None else None
         row["matching_loss"] = recon.matching_loss if recon is not None else None
