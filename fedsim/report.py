@@ -227,6 +227,8 @@ def tidy_table(jobs: list[Job]):
             row["final_accuracy"] = final_accuracy(final)
             rows.append(row)
     df = pd.DataFrame(rows)
+    if "defense" not in df.columns:  # runs not made by fedsim's own server (CuriousStrategy in a user's app)
+        df["defense"] = None
     df = _with_strength(df)
     return _typed(_ordered(df, [k for k in jobs_override_keys(jobs)]))
 
@@ -331,6 +333,8 @@ def runs_table(jobs: list[Job], tidy=None):
         row["error"] = job.error
         rows.append(row)
     runs = pd.DataFrame(rows)
+    if "defense" not in runs.columns:
+        runs["defense"] = None
     order = runs.assign(_d=runs.get("defense", pd.Series(dtype=object)).astype(str).replace("none", ""),
                         _s=pd.to_numeric(runs.get("strength", pd.Series(dtype=float)), errors="coerce").fillna(-1))
     runs = runs.loc[order.sort_values(["_d", "_s", "label", "run"], kind="stable").index].reset_index(drop=True)
