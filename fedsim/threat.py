@@ -61,11 +61,11 @@ class Optimizer:
 
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZERS:
-            raise ConfigError("optimizer.name", self.name, f"one of {', '.join(OPTIMIZERS)}")
+            raise ConfigError("optimizer", self.name, f"one of {', '.join(OPTIMIZERS)}")
         if not 0.0 <= self.momentum < 1.0:
-            raise ConfigError("optimizer.momentum", self.momentum, "a number in [0, 1)")
+            raise ConfigError("momentum", self.momentum, "a number in [0, 1)")
         if self.weight_decay < 0.0:
-            raise ConfigError("optimizer.weight_decay", self.weight_decay, "a number >= 0")
+            raise ConfigError("weight_decay", self.weight_decay, "a number >= 0")
 
 
 def implausible_normalization(inputs: Tensor, norm: Normalization) -> str | None:
