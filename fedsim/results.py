@@ -186,8 +186,8 @@ def save_grid(path: str | os.PathLike, originals: torch.Tensor | None, reconstru
     b = max(x.shape[0] for _, x, _ in rows if x is not None)
     cols = min(b, 16)
     chunks = math.ceil(b / cols)
-    fig, axes = plt.subplots(len(rows) * chunks, 1, figsize=(max(3.5, 1.1 * cols + 0.6), 1.25 * len(rows) * chunks + 0.5),
-                             squeeze=False)
+    size = (max(3.5, 1.1 * cols + 0.6), 1.25 * len(rows) * chunks + 0.5)
+    fig, axes = plt.subplots(len(rows) * chunks, 1, figsize=size, squeeze=False)
     for chunk in range(chunks):
         part = slice(chunk * cols, (chunk + 1) * cols)
         for r, (label, images, notes) in enumerate(rows):

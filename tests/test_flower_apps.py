@@ -14,7 +14,7 @@ import re
 import pytest
 import torch
 import yaml
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
@@ -22,7 +22,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from torch import nn
 
 from attacks.base import Attack, register_attack
-from fedsim import CuriousStrategy, Normalization, ThreatModel, audit_mod
+from fedsim import CuriousStrategy, ThreatModel, audit_mod
 from fedsim.audit import capture
 from fedsim.report import main as report_main
 from fedsim.runtime import InlineGrid
@@ -59,7 +59,7 @@ def same_state(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_quickstart_shaped_app_with_torchvision_transforms_is_audited_and_trains_exactly_as_unaudited(tmp_path, one_thread):
+def test_quickstart_shaped_app_with_torchvision_transforms_is_audited_and_trains_as_unaudited(tmp_path, one_thread):
     config = {"num-server-rounds": 2, "local-epochs": 1, "lr": 0.01}
     run_inline(quickstart_server.app, quickstart_client.app, {**config, "final-path": str(tmp_path / "plain.pt")})
     out = tmp_path / "audit"

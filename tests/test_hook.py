@@ -7,9 +7,10 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
+from flwr.supercore.task_identity import TaskIdentity
 
 from attacks.base import Attack
-from fedsim.hook import AUDIT_KEY, CuriousStrategy, MemoryRecorder, ThreatModel, audit_record
+from fedsim.hook import AUDIT_KEY, CuriousStrategy, MemoryRecorder, ThreatModel, audit_record, build_attacks
 from fedsim.models import build_model
 from fedsim.runtime import InlineGrid
 from fedsim.threat import Observation, Reconstruction
@@ -174,8 +175,6 @@ class Scheduled(FedAvg):
 
 
 def test_unknown_attributes_are_the_wrapped_strategys_and_its_own_start_runs_with_every_round_attacked():
-    from flwr.supercore.task_identity import TaskIdentity
-
     inner, spy, recorder = Scheduled(), Spy(), MemoryRecorder()
     hook = CuriousStrategy(inner, [spy], _model, ThreatModel(mode="fedsgd", input_shape=(6,)), recorder=recorder)
     assert hook.note("wrapped") == 1 and hook.log is inner.log and hook.fraction_evaluate == 0.0
@@ -208,10 +207,9 @@ def test_the_threat_model_counts_steps_and_distinct_samples_in_the_apps_terms():
 
 
 def test_attacks_are_given_by_name_by_knobs_as_in_the_cli_yaml_or_by_a_yaml_file(tmp_path):
-    from fedsim.hook import build_attacks
-
     (tmp_path / "ig.yaml").write_text("name: inverting\niterations: 7\n")
-    named, knobs, from_file = build_attacks(["spear", {"name": "inverting", "iterations": 200}, str(tmp_path / "ig.yaml")])
+    specs = ["spear", {"name": "inverting", "iterations": 200}, str(tmp_path / "ig.yaml")]
+    named, knobs, from_file = build_attacks(specs)
     assert (named.name, knobs.config.iterations, from_file.config.iterations) == ("spear", 200, 7)
     with pytest.raises(ValueError, match=r"attacks\[0\]\.iteration"):
         build_attacks([{"name": "inverting", "iteration": 200}])

@@ -9,7 +9,6 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
-from tests.flowerapps.advanced.task import Net
 
 
 class CustomFedAvg(FedAvg):

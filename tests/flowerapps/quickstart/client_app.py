@@ -17,7 +17,8 @@ def train(msg: Message, context: Context) -> Message:
     partition_id = int(context.node_config["partition-id"])
     torch.manual_seed(100 * int(msg.content["config"]["server-round"]) + partition_id)  # the shuffle
     trainloader, _ = load_data(partition_id, int(context.node_config["num-partitions"]))
-    train_loss = train_fn(model, trainloader, int(context.run_config["local-epochs"]), float(msg.content["config"]["lr"]))
+    epochs, lr = int(context.run_config["local-epochs"]), float(msg.content["config"]["lr"])
+    train_loss = train_fn(model, trainloader, epochs, lr)
     metrics = MetricRecord({"train_loss": train_loss, "num-examples": len(trainloader.dataset)})
     return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics}), reply_to=msg)
 

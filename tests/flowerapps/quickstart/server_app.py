@@ -21,5 +21,6 @@ def main(grid: Grid, context: Context) -> None:
             local_epochs=int(cfg["local-epochs"]), batch_size=BATCH_SIZE, lr=float(cfg["lr"]), momentum=0.9,
             normalization=Normalization(MEAN, STD)), output=str(cfg["audit-output"]))
     result = strategy.start(grid=grid, initial_arrays=ArrayRecord(Net().state_dict()),
-                            train_config=ConfigRecord({"lr": float(cfg["lr"])}), num_rounds=int(cfg["num-server-rounds"]))
+                            train_config=ConfigRecord({"lr": float(cfg["lr"])}),
+                            num_rounds=int(cfg["num-server-rounds"]))
     torch.save(result.arrays.to_torch_state_dict(), str(cfg["final-path"]))
