@@ -84,6 +84,8 @@ class ThreatModel:
         With epochs, each client's steps are epochs x ceil(num-examples / batch_size), from the num-examples it
         reports, and the update mixes num-examples distinct samples (2 epochs of 4 batches of 8: 8 steps, 32).
     lr, optimizer ("sgd", "adam", "adamw", "other"), momentum, weight_decay: the client's local optimizer.
+    lr_key: the key of the train ConfigRecord that carries the clients' learning rate, when the server sends it
+        (a schedule): each round's value, as sent, replaces `lr`.
     input_shape: one sample (None: from the audit record, else from the first layer).
     num_classes: None: the output size of the model's last Linear layer.
     normalization: the app's input normalisation (torchvision `Normalize(mean, std)` -> `Normalization(mean, std)`);
@@ -107,6 +109,7 @@ class ThreatModel:
     momentum: float = 0.0
     weight_decay: float = 0.0
     personal_layers: tuple[str, ...] = ()
+    lr_key: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in ("auto", "fedavg", "fedsgd"):
@@ -261,6 +264,7 @@ class CuriousStrategy(Strategy):
         self.arrayrecord_key = arrayrecord_key or getattr(strategy, "arrayrecord_key", "arrays")
         self._sent: dict[int, list[int]] = {}
         self._global: dict[int, dict[str, Tensor]] = {}
+        self._lr: dict[int, float] = {}        # the learning rate each round's instructions carried (threat.lr_key)
         self._client_ids: dict[int, int] = dict(client_of_node or {})  # node id -> client id
         self._param_names: list[str] | None = None
         self.view = view
@@ -341,6 +345,11 @@ class CuriousStrategy(Strategy):
         messages = list(self._inner("configure_train")(server_round, arrays, config, grid))
         self._sent[server_round] = [m.metadata.dst_node_id for m in messages]
         self._global[server_round] = {k: torch.from_numpy(v.numpy().copy()) for k, v in arrays.items()}
+        if self.threat.lr_key is not None:
+            sent_lr = next((record[self.threat.lr_key] for m in messages for record in m.content.config_records.values()
+                            if self.threat.lr_key in record), None)
+            if sent_lr is not None:
+                self._lr[server_round] = float(sent_lr)
         return messages
 
     def aggregate_train(self, server_round: int,
@@ -506,7 +515,8 @@ class CuriousStrategy(Strategy):
         else:
             update = {k: state[k] - global_state[k] for k in state if k in params}
         buffers = {k: v for k, v in state.items() if k not in params} if self.threat.share_buffers else None
-        meta = self._meta(mode, reply, model, truth, batch_size=batch_size, num_examples=num_examples)
+        meta = self._meta(mode, reply, model, truth, batch_size=batch_size, num_examples=num_examples,
+                          server_round=server_round)
         if grant:
             meta = replace(meta, private={**meta.private, **grant})
         if truth is not None:
@@ -540,7 +550,7 @@ class CuriousStrategy(Strategy):
         return "fedavg" if math.sqrt(diff) < 0.5 * math.sqrt(ref) else "fedsgd"
 
     def _meta(self, mode: str, reply: Message, model: nn.Module, truth: GroundTruth | None,
-              batch_size: int | None = None, num_examples: int | None = None) -> TrainMeta:
+              batch_size: int | None = None, num_examples: int | None = None, server_round: int = 0) -> TrainMeta:
         t = self.threat
         input_shape = t.input_shape or (tuple(truth.inputs.shape[1:]) if truth is not None else _infer_input(model))
         for record in reply.content.metric_records.values():
@@ -550,7 +560,8 @@ class CuriousStrategy(Strategy):
         batch_size = batch_size if (batch_size is not None and t.batch_size) else t.batch_size
         steps, distinct = t.training(mode, batch_size, num_examples)
         return TrainMeta(mode=mode, input_shape=input_shape, num_classes=t.num_classes or _infer_classes(model),
-                         normalization=t.normalization, batch_size=batch_size, local_steps=steps, lr=t.lr,
+                         normalization=t.normalization, batch_size=batch_size, local_steps=steps,
+                         lr=self._lr.get(server_round, t.lr),
                          num_examples=num_examples, labels=labels,
                          local_epochs=t.local_epochs if mode == "fedavg" else None, distinct_samples=distinct,
                          optimizer=Optimizer(t.optimizer, t.momentum, t.weight_decay))

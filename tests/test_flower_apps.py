@@ -115,8 +115,9 @@ def test_a_fedavg_subclass_with_its_own_start_behaves_as_unwrapped_while_every_r
     assert all(r["batch"] == 32 for r in attacks)  # ground truth: the 32 distinct samples of 2 epochs
     # 2 epochs of 4 batches of 8, described as such: 8 momentum-SGD steps on 32 distinct samples, head left out
     assert len(META) == 4
-    for _, _, names, meta in META:
+    for server_round, _, names, meta in META:
         assert (meta.local_epochs, meta.local_steps, meta.batch_size, meta.distinct_samples) == (2, 8, 8, 32)
+        assert meta.lr == {1: 0.05, 2: 0.025}[server_round]  # as the strategy's schedule sent it (lr_key)
         assert (meta.optimizer.name, meta.optimizer.momentum) == ("sgd", 0.9)
         assert names == ["body.1.bias", "body.1.weight", "body.3.bias", "body.3.weight"]
     rounds = lines(out / "rounds.jsonl")

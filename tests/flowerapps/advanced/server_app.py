@@ -27,7 +27,7 @@ def main(grid: Grid, context: Context) -> None:
     if cfg.get("audit-output"):
         from fedsim import CuriousStrategy, Normalization, ThreatModel  # the wrapping statement:
         strategy = CuriousStrategy(strategy, yaml.safe_load(str(cfg["attacks"])), Net, ThreatModel(
-            local_epochs=int(cfg["local-epochs"]), batch_size=BATCH_SIZE, lr=float(cfg["lr"]), momentum=0.9,
+            local_epochs=int(cfg["local-epochs"]), batch_size=BATCH_SIZE, lr_key="lr", momentum=0.9,
             normalization=Normalization((MEAN,), (STD,)), personal_layers=("head.*",)),
             output=str(cfg["audit-output"]))
     strategy.set_save_path(Path(str(cfg["save-path"])))
