@@ -50,8 +50,9 @@ LR_GAMMA = 0.1
 
 @dataclass(frozen=True)
 class LocalTraining:
-    """How a FedAvg client turned its data into its update: `local_steps` plain SGD steps of step size `lr` on
-    mini-batches of `batch_size`, taken in order from its samples and cycling (IG's `FedAvgReconstructor`).
+    """How a FedAvg client turned its data into its update: `local_steps` SGD steps of step size `lr` on
+    mini-batches of `batch_size`, taken in order from its samples and cycling (IG's `FedAvgReconstructor`), with
+    torch's SGD `momentum` and `weight_decay` (0: plain SGD).
 
     Which sample went into which step is unknown to the server; the candidates simply take the places in order.
     With one mini-batch per round (num_examples <= batch_size) nothing hinges on it. With several, analytically
@@ -62,6 +63,8 @@ class LocalTraining:
     lr: float
     local_steps: int
     batch_size: int
+    momentum: float = 0.0
+    weight_decay: float = 0.0
 
 
 def unrolled_update(model: nn.Module, inputs: Tensor, labels: Tensor, training: LocalTraining, *,
@@ -76,12 +79,18 @@ def unrolled_update(model: nn.Module, inputs: Tensor, labels: Tensor, training: 
     start = {n: p.detach().requires_grad_(True) for n, p in model.named_parameters()}
     buffers = dict(model.named_buffers())
     current = dict(start)
+    velocity = None
     batches = max(inputs.shape[0] // training.batch_size, 1)
     for step in range(training.local_steps):
         chunk = slice((step % batches) * training.batch_size, (step % batches + 1) * training.batch_size)
         logits = functional_call(model, {**buffers, **current}, (inputs[chunk],))
         loss = cross_entropy(logits, labels[chunk])
         grads = torch.autograd.grad(loss, list(current.values()), create_graph=create_graph)
+        if training.weight_decay:
+            grads = [g + training.weight_decay * p for g, p in zip(grads, current.values())]
+        if training.momentum:  # torch.optim.SGD: buf = g on the first step, then momentum * buf + g
+            velocity = list(grads) if velocity is None else [training.momentum * v + g for v, g in zip(velocity, grads)]
+            grads = velocity
         current = {n: p - training.lr * g for (n, p), g in zip(current.items(), grads)}
     names = list(start) if names is None else names
     return {n: (start[n] - current[n]) / training.lr for n in names}
@@ -386,6 +395,9 @@ class InvertingGradients(Attack):
         if self._unrolls(meta) and (meta.lr is None or meta.local_steps is None or meta.batch_size is None):
             raise AttackNotApplicable(f"{self.name} replays FedAvg local steps: it needs lr, local_steps and "
                                       "batch_size from the threat model (or unroll=off)")
+        if self._unrolls(meta) and meta.optimizer.name != "sgd":
+            raise AttackNotApplicable(f"{self.name} replays local steps of SGD (with momentum and weight decay); "
+                                      f"the threat model says optimizer={meta.optimizer.name} (use unroll=off)")
         if meta.mode == "fedavg" and meta.lr is None and cfg.distance != "cosine":
             raise AttackNotApplicable(f"{self.name} with distance={cfg.distance} needs the client lr in FedAvg "
                                       "(cosine is scale-free and does not)")
@@ -420,7 +432,8 @@ class InvertingGradients(Attack):
         stats["masked"] = masked
         training = None
         if self._unrolls(meta):
-            training = LocalTraining(float(meta.lr), int(meta.local_steps), int(meta.batch_size))
+            training = LocalTraining(float(meta.lr), int(meta.local_steps), int(meta.batch_size),
+                                     meta.optimizer.momentum, meta.optimizer.weight_decay)
         stats["unrolled"] = training is not None
         model = attack_copy(obs.model, list(target), cfg.train_mode)
         box = pixel_box(meta.normalization, meta.input_shape)

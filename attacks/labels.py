@@ -157,11 +157,14 @@ def last_layer_gradient(model: nn.Module, gradient: Mapping[str, Tensor],
 def samples_in_update(meta: TrainMeta) -> int | None:
     """How many distinct samples one client update mixes, as far as the threat model tells.
 
-    FedSGD: the batch size. FedAvg: the samples touched by `local_steps` steps of `batch_size` over the client's
-    `num_examples` (the client cycles through its data), i.e. min(num_examples, batch_size * local_steps).
+    FedSGD: the batch size. FedAvg: `meta.distinct_samples` when the threat model gives it (epochs over the same
+    data), else the samples touched by `local_steps` steps of `batch_size` over the client's `num_examples` (the
+    client cycles through its data), i.e. min(num_examples, batch_size * local_steps).
     """
     if meta.labels is not None:
         return int(meta.labels.numel())
+    if meta.mode == "fedavg" and meta.distinct_samples is not None:
+        return meta.distinct_samples
     if meta.batch_size is None:
         return None
     if meta.mode == "fedavg":

@@ -1379,6 +1379,8 @@ def distinct_samples(meta: TrainMeta) -> int | None:
     sum_t G_t X_t^T, of rank min(T B, examples) (batches without replacement, a new epoch reshuffles the same
     samples), with the inputs as its right factor whatever the steps (only the ReLU patterns move with W).
     """
+    if meta.mode == "fedavg" and meta.distinct_samples is not None:  # the threat model counted them (epochs)
+        return meta.distinct_samples
     if meta.batch_size is None:
         return None
     steps = 1 if meta.mode == "fedsgd" else (meta.local_steps or 1)

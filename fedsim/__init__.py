@@ -7,6 +7,7 @@ Public entry points (imported lazily, so `import fedsim` stays cheap):
                                          wrap any Flower strategy: attack every client update it aggregates
     fedsim.ThreatModel(...)              what that server is assumed to know
     fedsim.audit_mod                     client mod: send the trained batch to the scorer (simulation only)
+    fedsim.audit.capture(x, y)           name a batch for the audit mod from inside a training loop
 """
 
 from __future__ import annotations

@@ -11,23 +11,29 @@ else sees the reply and never reaches an attack. Aggregation is left to the wrap
 from __future__ import annotations
 
 import copy
+import dataclasses
+import fnmatch
 import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
+import yaml
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from torch import Tensor, nn
 
-from attacks.base import Attack
+from attacks.base import Attack, build_attack
 from fedsim.arrays import to_numpy
-from fedsim.threat import Normalization, Observation, Reconstruction, TrainMeta
+from fedsim.errors import ConfigError
+from fedsim.threat import (Normalization, Observation, Optimizer, Reconstruction, TrainMeta,
+                           implausible_normalization)
 
 log = logging.getLogger("fedsim")
 
@@ -60,25 +66,90 @@ def audit_record(inputs: Tensor, labels: Tensor) -> ConfigRecord:
 
 
 def read_audit(record: ConfigRecord) -> GroundTruth:
+    """The batch in an audit record (`AuditFailed` when the client could not capture it: the reason)."""
+    if "error" in record:
+        raise AuditFailed(str(record["error"]))
     shape = tuple(int(s) for s in record["x_shape"])
     x = torch.from_numpy(np.frombuffer(record["x"], dtype=np.float32).copy()).reshape(shape)
     return GroundTruth(x, torch.tensor(list(record["y"]), dtype=torch.int64))
+
+
+class AuditFailed(Exception):
+    """A client's audit mod could not capture its batch (the client trained and replied all the same)."""
 
 
 # --- what the server is assumed to know ----------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class ThreatModel:
-    """Training facts granted to the attacker. `mode="auto"` infers FedSGD/FedAvg from each reply."""
+    """What the server is assumed to know about the clients' training, in the app's own terms. `None`: not known.
+
+    mode: "fedavg" (clients reply with weights), "fedsgd" (with gradients) or "auto" (inferred from each reply).
+    batch_size: samples per local step (the app's DataLoader batch_size).
+    local_epochs or local_steps (not both): passes over the client's data per round, or optimizer steps per round.
+        With epochs, each client's steps are epochs x ceil(num-examples / batch_size), from the num-examples it
+        reports, and the update mixes num-examples distinct samples (2 epochs of 4 batches of 8: 8 steps, 32).
+    lr, optimizer ("sgd", "adam", "adamw", "other"), momentum, weight_decay: the client's local optimizer.
+    lr_key: the key of the train ConfigRecord that carries the clients' learning rate, when the server sends it
+        (a schedule): each round's value, as sent, replaces `lr`.
+    input_shape: one sample (None: from the audit record, else from the first layer).
+    num_classes: None: the output size of the model's last Linear layer.
+    normalization: the app's input normalisation (torchvision `Normalize(mean, std)` -> `Normalization(mean, std)`);
+        the hook warns when the data contradict it.
+    personal_layers: glob patterns of parameters the clients keep for themselves (a personalised head, "fc3.*"):
+        left out of every update the attacks see.
+    grant_labels: the attacker knows the true labels. BatchNorm statistics a client sends are always observed.
+    """
 
     mode: str = "auto"
     batch_size: int | None = None
     local_steps: int | None = None
     lr: float | None = None
-    input_shape: tuple[int, ...] | None = None    # None: taken from the audit record, else from the first layer
-    num_classes: int | None = None                # None: the output size of the model's last Linear layer
+    input_shape: tuple[int, ...] | None = None
+    num_classes: int | None = None
     normalization: Normalization = Normalization()
     grant_labels: bool = False
+    local_epochs: int | None = None
+    optimizer: str = "sgd"
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    personal_layers: tuple[str, ...] = ()
+    lr_key: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("auto", "fedavg", "fedsgd"):
+            raise ConfigError("mode", self.mode, "auto, fedavg or fedsgd")
+        if self.local_steps is not None and self.local_epochs is not None:
+            raise ConfigError("local_epochs", self.local_epochs, "None when local_steps is given (one or the other)")
+        for key in ("batch_size", "local_steps", "local_epochs"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(key, value, "a positive integer or None")
+        if not isinstance(self.normalization, Normalization):
+            raise ConfigError("normalization", self.normalization, "fedsim.Normalization(mean, std)")
+        if isinstance(self.personal_layers, str):
+            object.__setattr__(self, "personal_layers", (self.personal_layers,))
+        Optimizer(self.optimizer, self.momentum, self.weight_decay)  # checks the three
+
+    def training(self, mode: str, batch_size: int | None, num_examples: int | None) -> tuple[int | None, int | None]:
+        """(optimizer steps, distinct samples) of one client's update in `mode`, as far as this threat model tells.
+
+        FedSGD: one step on one batch. FedAvg with epochs: every example each epoch, ceil(n / batch_size) steps per
+        epoch. FedAvg with steps: the client cycles through its data, touching min(n, steps x batch_size) samples.
+        """
+        n = num_examples
+        if mode == "fedsgd":
+            return 1, (min(batch_size, n) if batch_size and n else batch_size)
+        if self.local_epochs is not None:
+            steps = self.local_epochs * math.ceil(n / batch_size) if n and batch_size else None
+            return steps, n
+        if self.local_steps is not None:
+            touched = self.local_steps * batch_size if batch_size else None
+            return self.local_steps, (min(n, touched) if n and touched else touched)
+        return None, None
+
+    def personal(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.personal_layers)
 
 
 # --- records ---------------------------------------------------------------------------------------------------
@@ -101,7 +172,7 @@ class Fault:
     round: int
     client: int | None
     node_id: int
-    kind: str                      # crash, dropout, nan, shape
+    kind: str                      # crash, dropout, nan, shape; audit (the audit mod sent no batch: unscored)
     detail: str = ""
 
 
@@ -159,8 +230,13 @@ default_scorer = make_scorer()
 class CuriousStrategy(Strategy):
     """Wrap `strategy` so an honest-but-curious server attacks every (targeted) client update.
 
-    strategy: any Message-API strategy; it aggregates exactly as it would unwrapped.
-    attacks: attacks to run on each observation: `attacks.base.Attack` instances or registered names ("spear").
+    strategy: any Message-API strategy, including subclasses with their own methods, state and `start()`; it
+        aggregates exactly as it would unwrapped. Attributes the wrapper does not have are the strategy's
+        (read and written through), and `start()` runs the strategy's own `start()`, with the hook on the
+        `configure_train`, `aggregate_train` and `aggregate_evaluate` that it calls.
+    attacks: attacks to run on each observation: registered names ("spear"), mappings of a name and its knobs as
+        in the CLI's YAML (`{"name": "inverting", "iterations": 200}`), paths of such YAML files, or
+        `attacks.base.Attack` instances.
     model_fn: builds a fresh `nn.Module` with the architecture of the global model (weights are loaded from the
         ArrayRecord the server sends, by name).
     threat: what the server is assumed to know (`ThreatModel`).
@@ -168,8 +244,9 @@ class CuriousStrategy(Strategy):
     recorder: receives attack records, faults and round summaries (default: kept in memory).
     drop_faulty: leave replies with NaN/Inf or wrong shapes out of aggregation (they would poison the model).
     client_of_node: node id -> client id when known (else taken from replies, or numbered in order of arrival).
-    output: a directory for fedsim's result files (results.jsonl, rounds.jsonl, grids/, status.json), as a fedsim
-        run writes them, so `fedsim-report` reads them; used when no `recorder` is given.
+    output: a directory for fedsim's result files, as a fedsim run writes them (config.yaml with the threat model
+        and the attacks' knobs, status.json, results.jsonl, rounds.jsonl with the app's own metrics, grids/ of the
+        first and last round), so `fedsim-report` reads them; used when no `recorder` is given.
     view: the attacker's view of each observation under the defense (`Defense.observe`); identity by default.
     partitions: client id -> that client's whole training partition (model space; `AGGREGATE_CLIENT`: every
         contributing client's), for the scorer only (`identified`); never shown to an attack.
@@ -178,17 +255,17 @@ class CuriousStrategy(Strategy):
     attacked once per round as client `AGGREGATE_CLIENT`, as a batch of all contributing clients' samples.
     """
 
-    def __init__(self, strategy: Strategy, attacks: Sequence[Attack | str], model_fn: Callable[[], nn.Module],
-                 threat: ThreatModel = ThreatModel(), *, targets: Any = "all", sample: int | None = None,
-                 seed: int = 0, recorder: Recorder | None = None, scorer: Scorer = default_scorer,
-                 drop_faulty: bool = True, min_clients: int = 1, arrayrecord_key: str | None = None,
-                 client_of_node: Mapping[int, int] | None = None, output: str | None = None,
-                 view: Callable[[Observation], Observation] | None = None,
+    _HOOKED = ("configure_train", "aggregate_train", "aggregate_evaluate")  # what the strategy's start() calls
+
+    def __init__(self, strategy: Strategy, attacks: Sequence[Attack | str | Mapping[str, Any]],
+                 model_fn: Callable[[], nn.Module], threat: ThreatModel = ThreatModel(), *, targets: Any = "all",
+                 sample: int | None = None, seed: int = 0, recorder: Recorder | None = None,
+                 scorer: Scorer = default_scorer, drop_faulty: bool = True, min_clients: int = 1,
+                 arrayrecord_key: str | None = None, client_of_node: Mapping[int, int] | None = None,
+                 output: str | None = None, view: Callable[[Observation], Observation] | None = None,
                  partitions: Callable[[int], Tensor | None] | None = None) -> None:
         self.inner = strategy
-        from attacks.base import build_attack
-
-        self.attacks = [build_attack({"name": a}) if isinstance(a, str) else a for a in attacks]
+        self.attacks = build_attacks(attacks)
         self.model_fn = model_fn
         self.threat = threat
         self.targets = targets
@@ -199,7 +276,6 @@ class CuriousStrategy(Strategy):
             from fedsim.results import ResultsWriter, RunRecorder
 
             self._writer = ResultsWriter(output)
-            self._writer.start(f"# results of CuriousStrategy around {type(strategy).__name__}\n", 0)
             recorder = RunRecorder(self._writer, run_info={"seed": seed}, rounds=1, grid_clients=2)
         self.recorder = recorder if recorder is not None else MemoryRecorder()
         self.scorer = scorer
@@ -208,23 +284,65 @@ class CuriousStrategy(Strategy):
         self.arrayrecord_key = arrayrecord_key or getattr(strategy, "arrayrecord_key", "arrays")
         self._sent: dict[int, list[int]] = {}
         self._global: dict[int, dict[str, Tensor]] = {}
+        self._lr: dict[int, float] = {}        # the learning rate each round's instructions carried (threat.lr_key)
         self._client_ids: dict[int, int] = dict(client_of_node or {})  # node id -> client id
         self._param_names: list[str] | None = None
         self._buffers: frozenset[str] | None = None
         self.view = view
         self.partitions = partitions
+        self.warnings: list[str] = []          # said once per run (also in status.json when writing output)
+        self._originals: dict[str, Callable] = {}  # the strategy's own hooked methods while its start() runs
+        self._started = False                  # the output directory is set up
+        self._open_round: int | None = None    # a round whose line in rounds.jsonl awaits the app's evaluation
+        self._rounds_run = 0
+        self._rounds_trained = 0               # rounds whose aggregation produced a model
+        self._skips: list[str] = []
+        self._normalization_checked = False
+        self._ready = True                     # from here on, unknown attributes are the wrapped strategy's
 
-    # -- delegation ---------------------------------------------------------------------------------------------
-    def start(self, *args, **kwargs):
-        """Run the strategy (Flower's `Strategy.start`); the result files are marked complete at the end."""
+    # -- transparency: the wrapped strategy's attributes, methods and start() --------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        inner = self.__dict__.get("inner")
+        if inner is None or name.startswith("__"):
+            raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
+        return getattr(inner, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self.__dict__.get("_ready") and name not in self.__dict__ and not hasattr(type(self), name):
+            setattr(self.inner, name, value)  # the strategy's own state, where its methods read it
+        else:
+            object.__setattr__(self, name, value)
+
+    def _inner(self, name: str) -> Callable:
+        return self._originals.get(name) or getattr(self.inner, name)
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
+              train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
+              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None, **kwargs: Any):
+        """Run the wrapped strategy's `start()` (its own, or Flower's) with the hook on the methods it calls.
+
+        With `output`, the result files are set up first and marked complete at the end, or failed when the
+        strategy raised or no round produced a model (every aggregation skipped: the model is untrained).
+        """
+        self._begin(num_rounds)
+        inner = self.inner
+        saved = {name: inner.__dict__[name] for name in self._HOOKED if name in inner.__dict__}
+        self._originals = {name: getattr(inner, name) for name in self._HOOKED}
+        for name in self._HOOKED:  # an instance attribute wins over the class's method: start() calls the hook
+            inner.__dict__[name] = getattr(self, name)
         try:
-            result = super().start(*args, **kwargs)
+            result = inner.start(grid, initial_arrays, num_rounds=num_rounds, timeout=timeout,
+                                 train_config=train_config, evaluate_config=evaluate_config,
+                                 evaluate_fn=self._evaluating(evaluate_fn), **kwargs)
         except BaseException as err:
-            if self._writer is not None:
-                self._writer.finish("failed", error=f"{type(err).__name__}: {err}")
+            self._end("failed", f"{type(err).__name__}: {err}")
             raise
-        if self._writer is not None:
-            self._writer.finish("complete")
+        finally:
+            for name in self._HOOKED:
+                inner.__dict__.pop(name, None)
+            inner.__dict__.update(saved)
+            self._originals = {}
+        self._end("complete")
         return result
 
     def summary(self) -> None:
@@ -235,7 +353,7 @@ class CuriousStrategy(Strategy):
         return self.inner.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        metrics = self.inner.aggregate_evaluate(server_round, replies)
+        metrics = self._inner("aggregate_evaluate")(server_round, replies)
         if metrics:  # clients' own evaluation (e.g. with their private key-lock layers), beside the server's
             self.recorder.on_round(server_round, {k: v for k, v in metrics.items()})
         return metrics
@@ -243,9 +361,17 @@ class CuriousStrategy(Strategy):
     # -- observe ------------------------------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        self._begin(None)
+        if self._open_round is not None:  # the app evaluates nothing on the server: the last round closes here
+            self._close_round(self._open_round, {})
+        messages = list(self._inner("configure_train")(server_round, arrays, config, grid))
         self._sent[server_round] = [m.metadata.dst_node_id for m in messages]
         self._global[server_round] = {k: torch.from_numpy(v.numpy().copy()) for k, v in arrays.items()}
+        if self.threat.lr_key is not None:
+            sent_lr = next((record[self.threat.lr_key] for m in messages for record in m.content.config_records.values()
+                            if self.threat.lr_key in record), None)
+            if sent_lr is not None:
+                self._lr[server_round] = float(sent_lr)
         return messages
 
     def aggregate_train(self, server_round: int,
@@ -253,8 +379,19 @@ class CuriousStrategy(Strategy):
         replies = list(replies)
         global_state = self._global.pop(server_round, None)
         sent = self._sent.pop(server_round, [])
+        audits = {id(r): _pop_audit(r) for r in replies if not r.has_error()}
+        for reply in replies:  # the audit mod names its client (simulation only)
+            partition = audits.get(id(reply), (None, None, None))[2]
+            if partition is not None:
+                self._client_ids.setdefault(reply.metadata.src_node_id, partition)
         healthy = self._screen(server_round, replies, sent, global_state)
-        truths = {id(r): _pop_audit(r) for r in replies if not r.has_error()}
+        truths = {}
+        for reply in healthy:
+            truth, failure, _ = audits.get(id(reply), (None, None, None))
+            truths[id(reply)] = truth
+            if failure is not None:
+                self.recorder.on_fault(Fault(server_round, self._client_of(reply), reply.metadata.src_node_id,
+                                             "audit", f"no ground truth, the attacks go unscored: {failure}"))
         grants = {id(r): _pop_grant(r) for r in replies if not r.has_error()}
         aggregate = next((r for r in healthy if AGGREGATE_KEY in r.content.config_records), None)
         if global_state is not None and aggregate is not None:
@@ -273,13 +410,82 @@ class CuriousStrategy(Strategy):
         self.recorder.on_round(server_round, {"sent": len(sent), "received": len(replies), "healthy": n_healthy,
                                               "observed": "aggregate" if aggregate is not None else "individual"})
         if n_healthy < self.min_clients:
-            self.recorder.on_round(server_round, {"skipped": f"{n_healthy} healthy replies < min_clients={self.min_clients}"})
+            skipped = f"{n_healthy} healthy replies < min_clients={self.min_clients}"
+            self.recorder.on_round(server_round, {"skipped": skipped})
             arrays, metrics = None, None
         else:
-            arrays, metrics = self.inner.aggregate_train(server_round, kept)
-        if self._writer is not None:  # no fedsim server evaluation closes the round: close it here
-            self.recorder.on_evaluate(server_round, dict(metrics or {}))
+            skipped = "the strategy aggregated no model"
+            arrays, metrics = self._inner("aggregate_train")(server_round, kept)
+        self._rounds_run += 1
+        if arrays is not None:
+            self._rounds_trained += 1
+        else:
+            self._skips.append(f"round {server_round}: {skipped}")
+        if self._writer is not None:  # the round's line waits for the app's evaluation, if it has one
+            self.recorder.on_round(server_round, {k if k.startswith("train") else f"train_{k}": v
+                                                  for k, v in (metrics or {}).items()})
+            self._open_round = server_round
         return arrays, metrics
+
+    # -- the run directory (output=...) ---------------------------------------------------------------------------
+    def _begin(self, num_rounds: int | None) -> None:
+        """Set up the output directory once: config.yaml, status.json with the rounds to come."""
+        if self._writer is None or self._started:
+            return
+        self._started = True
+        self._writer.start(self._config_yaml(num_rounds), int(num_rounds or 0))
+        if num_rounds:
+            self.recorder.rounds = int(num_rounds)  # grids of the first and the last round
+
+    def _config_yaml(self, num_rounds: int | None) -> str:
+        threat = dataclasses.asdict(self.threat)
+        threat["normalization"] = {"mean": list(self.threat.normalization.mean),
+                                   "std": list(self.threat.normalization.std)}
+        config = {
+            "strategy": type(self.inner).__name__, "rounds": num_rounds, "seed": self.seed,
+            "attacks": [{"name": a.name, **(dataclasses.asdict(a.config) if dataclasses.is_dataclass(a.config)
+                                            else {})} for a in self.attacks],
+            "threat": threat, "targets": self.targets, "sample": self.sample, "min_clients": self.min_clients}
+        header = f"# fedsim CuriousStrategy around {type(self.inner).__name__}: the resolved threat model and attacks\n"
+        return header + yaml.safe_dump(_plain_yaml(config), sort_keys=False)
+
+    def _evaluating(self, evaluate_fn: Callable | None) -> Callable | None:
+        """The app's server-side evaluation, its metrics recorded in the round's line of rounds.jsonl."""
+        if evaluate_fn is None or self._writer is None:
+            return evaluate_fn
+
+        def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+            metrics = evaluate_fn(server_round, arrays)
+            self._close_round(server_round, dict(metrics or {}))
+            return metrics
+
+        return evaluate
+
+    def _close_round(self, server_round: int, metrics: Mapping[str, Any]) -> None:
+        if self._writer is not None:
+            self.recorder.on_evaluate(server_round, dict(metrics))
+        if server_round == self._open_round:
+            self._open_round = None
+
+    def _end(self, state: str, error: str | None = None) -> None:
+        if self._rounds_run and not self._rounds_trained:
+            reason = (f"no round produced a model: all {self._rounds_run} aggregations were skipped, the model is "
+                      f"untrained ({'; '.join(self._skips[:3])})")
+            log.error("fedsim CuriousStrategy: %s", reason)
+            if state == "complete":
+                state, error = "failed", reason
+        if self._writer is None:
+            return
+        if self._open_round is not None:
+            self._close_round(self._open_round, {})
+        self._begin(None)
+        self._writer.update_status(rounds_trained=self._rounds_trained, warnings=list(self.warnings))
+        self._writer.finish(state, error=error)
+
+    def _warn(self, message: str) -> None:
+        if message not in self.warnings:
+            self.warnings.append(message)
+            log.warning("fedsim CuriousStrategy: %s", message)
 
     def _screen(self, server_round: int, replies: list[Message], sent: list[int],
                 global_state: Mapping[str, Tensor] | None) -> list[Message]:
@@ -324,7 +530,7 @@ class CuriousStrategy(Strategy):
         global_state = named_state(global_state, model)
         model.load_state_dict(global_state)
         model.eval()
-        params = {name for name, _ in model.named_parameters()}
+        params = {name for name, _ in model.named_parameters() if not self.threat.personal(name)}
         received = {k: torch.from_numpy(v.numpy().copy()) for k, v in reply.content[self.arrayrecord_key].items()}
         state = named_state(received, model)
         sent = set(named_state(received, model, fill=False))
@@ -334,9 +540,12 @@ class CuriousStrategy(Strategy):
         else:
             update = {k: state[k] - global_state[k] for k in state if k in params}
         buffers = {k: v for k, v in state.items() if k not in params and k in sent}  # all the client sent
-        meta = self._meta(mode, reply, model, truth, batch_size=batch_size, num_examples=num_examples)
+        meta = self._meta(mode, reply, model, truth, batch_size=batch_size, num_examples=num_examples,
+                          server_round=server_round)
         if grant:
             meta = replace(meta, private={**meta.private, **grant})
+        if truth is not None:
+            self._check_normalization(truth.inputs, meta, "the audited batch")
         for attack in self.attacks:
             obs = Observation(server_round, client, copy.deepcopy(model), update, meta, buffers)
             if self.view is not None:
@@ -350,6 +559,8 @@ class CuriousStrategy(Strategy):
                 log.warning("attack %s failed on client %s round %s: %s", attack.name, client, server_round, error)
             seconds = time.perf_counter() - start
             scores = None
+            if recon is not None and recon.certified and recon.inputs is not None:
+                self._check_normalization(recon.inputs, meta, f"{attack.name}'s certified reconstruction")
             if truth is not None:  # an attack that raised recovered nothing: scored so, not left out
                 scored = recon if recon is not None else Reconstruction(inputs=None, stats={"failed": True})
                 scores = self.scorer(scored, truth, meta)
@@ -365,18 +576,31 @@ class CuriousStrategy(Strategy):
         return "fedavg" if math.sqrt(diff) < 0.5 * math.sqrt(ref) else "fedsgd"
 
     def _meta(self, mode: str, reply: Message, model: nn.Module, truth: GroundTruth | None,
-              batch_size: int | None = None, num_examples: int | None = None) -> TrainMeta:
+              batch_size: int | None = None, num_examples: int | None = None, server_round: int = 0) -> TrainMeta:
         t = self.threat
         input_shape = t.input_shape or (tuple(truth.inputs.shape[1:]) if truth is not None else _infer_input(model))
         for record in reply.content.metric_records.values():
             if "num-examples" in record and num_examples is None:
                 num_examples = int(record["num-examples"])
         labels = truth.labels.clone() if (t.grant_labels and truth is not None) else None
+        batch_size = batch_size if (batch_size is not None and t.batch_size) else t.batch_size
+        steps, distinct = t.training(mode, batch_size, num_examples)
         return TrainMeta(mode=mode, input_shape=input_shape, num_classes=t.num_classes or _infer_classes(model),
-                         normalization=t.normalization,
-                         batch_size=batch_size if (batch_size is not None and t.batch_size) else t.batch_size,
-                         local_steps=1 if mode == "fedsgd" else t.local_steps, lr=t.lr, num_examples=num_examples,
-                         labels=labels)
+                         normalization=t.normalization, batch_size=batch_size, local_steps=steps,
+                         lr=self._lr.get(server_round, t.lr),
+                         num_examples=num_examples, labels=labels,
+                         local_epochs=t.local_epochs if mode == "fedavg" else None, distinct_samples=distinct,
+                         optimizer=Optimizer(t.optimizer, t.momentum, t.weight_decay))
+
+    def _check_normalization(self, inputs: Tensor, meta: TrainMeta, source: str) -> None:
+        """Warn once when images in model space contradict the threat model's normalisation (a wrong one makes
+        every attack's pixels and scores wrong, silently)."""
+        if self._normalization_checked or len(meta.input_shape) != 3:
+            return
+        self._normalization_checked = True
+        problem = implausible_normalization(inputs.reshape(inputs.shape[0], *meta.input_shape), meta.normalization)
+        if problem is not None:
+            self._warn(f"ThreatModel.normalization does not fit {source}: {problem}")
 
     # -- client identity ----------------------------------------------------------------------------------------
     def _client_of(self, reply: Message) -> int:
@@ -423,9 +647,49 @@ def named_state(arrays: Mapping[str, Tensor], model: nn.Module, *, fill: bool = 
                      f"state_dict ({len(reference)} entries): check model_fn builds the app's model")
 
 
-def _pop_audit(reply: Message) -> GroundTruth | None:
+def _pop_audit(reply: Message) -> tuple[GroundTruth | None, str | None, int | None]:
+    """Strip the audit record: (ground truth, why there is none, the client's partition id), each when known."""
     record = reply.content.pop(AUDIT_KEY, None) if reply.has_content() else None
-    return read_audit(record) if record is not None else None
+    if record is None:
+        return None, None, None
+    partition = int(record["partition-id"]) if "partition-id" in record else None
+    try:
+        return read_audit(record), None, partition
+    except AuditFailed as err:
+        return None, str(err), partition
+    except Exception as err:  # a malformed record: the reply still aggregates, unscored
+        return None, f"unreadable audit record ({type(err).__name__}: {err})", partition
+
+
+def build_attacks(specs: Sequence[Attack | str | Mapping[str, Any]]) -> list[Attack]:
+    """Attacks from names, mappings of a name and knobs (the CLI's YAML), YAML files, or Attack instances."""
+    if isinstance(specs, (str, Mapping, Attack)):
+        specs = [specs]
+    attacks = []
+    for i, spec in enumerate(specs):
+        if isinstance(spec, Attack):
+            attacks.append(spec)
+            continue
+        if isinstance(spec, str) and spec.endswith((".yaml", ".yml")):
+            spec = yaml.safe_load(Path(spec).read_text())
+        elif isinstance(spec, str):
+            spec = {"name": spec}
+        if not isinstance(spec, Mapping):
+            raise ConfigError(f"attacks[{i}]", spec, "an attack name, a mapping such as {'name': 'inverting', "
+                              "'iterations': 200}, a YAML file of one, or an Attack")
+        attacks.append(build_attack(spec, prefix=f"attacks[{i}]"))
+    return attacks
+
+
+def _plain_yaml(value: Any) -> Any:
+    """Tuples -> lists, other non-YAML values -> their text (for config.yaml)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain_yaml(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain_yaml(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
 
 
 def _pop_grant(reply: Message) -> dict[str, Any] | None:

@@ -18,6 +18,8 @@ of the data's range for vectors), never as missing, so returning fewer samples n
 - `ssim`: structural similarity (torchmetrics, Gaussian window shrunk for small images), averaged over the batch.
 - `mse`: mean squared error per image, averaged over the batch.
 - `label_acc`: fraction of true labels recovered (matched pairs when inputs exist, multiset overlap otherwise).
+- `label_set_acc`: fraction of true labels recovered as a multiset, whatever the image matching: the overlap of
+  the recovered and the true label multisets over the batch (label-only attacks recover exactly this).
 
 An attack that returns no inputs at all (`inputs=None`, e.g. label inference) makes no claim on the images: their
 metrics are None. An attack that raised is scored as returning nothing (`failed=True`): every rate 0.
@@ -52,6 +54,7 @@ class Scores:
     recovered: float | None = None
     recovered_ssim: float | None = None  # the SSIM threshold of `recovered`
     label_acc: float | None = None
+    label_set_acc: float | None = None  # multiset overlap / b, independent of the image matching
     matched: int = 0               # reconstructions paired with a true sample
     batch: int = 0                 # true samples
     per_sample_psnr: tuple[float, ...] = ()  # in the order of the true samples (NaN when unmatched)
@@ -102,11 +105,12 @@ def score(recon_pixels: Tensor | None, truth_pixels: Tensor, *, recon_labels: Te
     truth_pixels = truth_pixels.detach().cpu().float()
     if failed:
         recon_pixels = truth_pixels[:0]
-    label_acc = None
+    label_acc = label_set_acc = None
+    if recon_labels is not None and truth_labels is not None and not failed:
+        label_set_acc = _multiset_overlap(recon_labels.cpu(), truth_labels.cpu()) / b
     if recon_pixels is None:  # no claim on the inputs (label inference)
-        if recon_labels is not None and truth_labels is not None:
-            label_acc = _multiset_overlap(recon_labels, truth_labels) / b
-        return Scores(label_acc=label_acc, batch=b, per_sample_psnr=tuple([float("nan")] * b))
+        return Scores(label_acc=label_set_acc, label_set_acc=label_set_acc, batch=b,
+                      per_sample_psnr=tuple([float("nan")] * b))
 
     recon_pixels = recon_pixels.detach().cpu().float().reshape(recon_pixels.shape[0], *truth_pixels.shape[1:])
     if images:
@@ -139,8 +143,8 @@ def score(recon_pixels: Tensor | None, truth_pixels: Tensor, *, recon_labels: Te
                   mse=float(mse_each.mean()), exact=float(exact_each.sum()) / b,
                   identified=sum(identified_each) / b if partition_pixels is not None else None,
                   recovered=recovered, recovered_ssim=recovered_ssim if recovered is not None else None,
-                  label_acc=label_acc, matched=len(rows), batch=b, per_sample_psnr=tuple(per_sample),
-                  per_sample_identified=identified_each)
+                  label_acc=label_acc, label_set_acc=label_set_acc, matched=len(rows), batch=b,
+                  per_sample_psnr=tuple(per_sample), per_sample_identified=identified_each)
 
 
 def nearest_is_true(recon: Tensor, truth: Tensor, partition: Tensor) -> Tensor:

@@ -40,7 +40,7 @@ REPORT_DIR = "report"
 STATUSES = ("complete", "running", "incomplete", "failed", "invalid")
 # Columns of results.jsonl attack rows that describe the record itself rather than measure the attack.
 RECORD_KEYS = ("attack", "defense", "seed", "mode", "batch_size", "round", "client")
-METRICS = ("identified", "exact", "recovered", "recovered_ssim", "psnr", "ssim", "mse", "label_acc", "certified",
+METRICS = ("identified", "exact", "recovered", "recovered_ssim", "psnr", "ssim", "mse", "label_acc", "label_set_acc", "certified",
            "matched", "returned", "batch", "matching_loss", "seconds", "error")
 ROUND_FIXED = ("round", "seconds", "faults", "defense", "seed", "mode", "batch_size", "skipped", "sent",
                "received", "healthy")
@@ -230,6 +230,8 @@ def tidy_table(jobs: list[Job]):
             row["final_accuracy"] = final_accuracy(final)
             rows.append(row)
     df = pd.DataFrame(rows)
+    if "defense" not in df.columns:  # runs not made by fedsim's own server (CuriousStrategy in a user's app)
+        df["defense"] = None
     df = _with_strength(df)
     return _typed(_ordered(df, [k for k in jobs_override_keys(jobs)]))
 
@@ -324,7 +326,7 @@ def runs_table(jobs: list[Job], tidy=None):
                "final_accuracy": final_accuracy(_final_round(job)),
                "faults": sum(1 for r in job.results if r.get("kind") == "fault")}
         part = tidy[tidy["run"] == job.name] if "run" in tidy.columns else tidy.iloc[0:0]
-        for metric in ("identified", "exact", "recovered", "psnr", "ssim", "label_acc", "seconds"):
+        for metric in ("identified", "exact", "recovered", "psnr", "ssim", "label_acc", "label_set_acc", "seconds"):
             if metric in part.columns:
                 values = pd.to_numeric(part[metric], errors="coerce").dropna()
                 row[f"mean_{metric}"] = float(values.mean()) if len(values) else None
@@ -337,6 +339,8 @@ def runs_table(jobs: list[Job], tidy=None):
         row["error"] = job.error
         rows.append(row)
     runs = pd.DataFrame(rows)
+    if "defense" not in runs.columns:
+        runs["defense"] = None
     order = runs.assign(_d=runs.get("defense", pd.Series(dtype=object)).astype(str).replace("none", ""),
                         _s=pd.to_numeric(runs.get("strength", pd.Series(dtype=float)), errors="coerce").fillna(-1))
     runs = runs.loc[order.sort_values(["_d", "_s", "label", "run"], kind="stable").index].reset_index(drop=True)

@@ -13,6 +13,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from fedsim.errors import ConfigError
+
 Mode = Literal["fedsgd", "fedavg"]
 
 
@@ -42,6 +44,56 @@ class Normalization:
         return (x - mean) / std
 
 
+OPTIMIZERS = ("sgd", "adam", "adamw", "other")
+
+
+@dataclass(frozen=True)
+class Optimizer:
+    """The client's local optimizer as the threat model states it (torch's meaning of each knob).
+
+    name: one of OPTIMIZERS ("other": none of these; attacks that replay local training then refuse).
+    momentum: SGD's momentum (0: plain SGD); weight_decay: L2 coefficient added to the gradient.
+    """
+
+    name: str = "sgd"
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.name not in OPTIMIZERS:
+            raise ConfigError("optimizer", self.name, f"one of {', '.join(OPTIMIZERS)}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError("momentum", self.momentum, "a number in [0, 1)")
+        if self.weight_decay < 0.0:
+            raise ConfigError("weight_decay", self.weight_decay, "a number >= 0")
+
+
+def implausible_normalization(inputs: Tensor, norm: Normalization) -> str | None:
+    """Why `inputs` (b, C, H, W) in model space cannot be images normalised with `norm`, or None if they can.
+
+    Mapped back to pixels they must lie in [0, 1] (with a little slack) and span most of it; a batch whose pixels
+    leave the range, or fill only a sliver of it, was normalised otherwise. The message suggests the mean and std
+    that would map the batch's own range onto [0, 1].
+    """
+    if inputs.dim() != 4 or inputs.shape[0] == 0:
+        return None
+    x = inputs.detach().double().transpose(0, 1).flatten(1)             # (C, b*H*W)
+    channels = x.shape[0]
+    if len(norm.mean) not in (1, channels):
+        return f"it gives {len(norm.mean)} channel means for images of {channels} channels"
+    pixels = norm.to_pixels(inputs.detach().double()).transpose(0, 1).flatten(1)
+    low, high = pixels.min(dim=1).values, pixels.max(dim=1).values
+    if bool((low >= -0.05).all() and (high <= 1.05).all() and ((high - low) >= 0.6).all()):
+        return None
+    lo, hi = x.min(dim=1).values, x.max(dim=1).values
+    std = 1.0 / (hi - lo).clamp_min(1e-12)
+    mean = -lo * std
+    fmt = lambda v: "(" + ", ".join(f"{float(a):.3g}" for a in v) + ")"  # noqa: E731
+    return (f"mapped back with mean {fmt(norm.mean)} and std {fmt(norm.std)} the pixels span "
+            f"[{float(low.min()):.3g}, {float(high.max()):.3g}] instead of [0, 1]; the data suggest mean "
+            f"{fmt(mean)} and std {fmt(std)} (torchvision Normalize's values)")
+
+
 @dataclass(frozen=True)
 class TrainMeta:
     """Training facts the threat model grants the server. `None` means: not known to the attacker."""
@@ -51,8 +103,13 @@ class TrainMeta:
     num_classes: int
     normalization: Normalization = Normalization()
     batch_size: int | None = None          # samples per local step
-    local_steps: int | None = None         # SGD steps per round (1 in FedSGD)
+    local_steps: int | None = None         # optimizer steps per round (1 in FedSGD)
     lr: float | None = None                # client learning rate
+    # How those steps were taken, when the threat model states it in the app's terms (else None / plain SGD):
+    local_epochs: int | None = None        # passes over the client's data (local_steps = epochs x batches per epoch)
+    distinct_samples: int | None = None    # different samples mixed into the update (epochs repeat the same ones:
+    #                                        2 epochs of 4 batches of 8 -> 32; the rank of a first-layer update)
+    optimizer: Optimizer = Optimizer()     # the local optimizer (momentum and weight decay change the update)
     num_examples: int | None = None        # what the client reported for weighting (always visible in Flower)
     labels: Tensor | None = None           # true labels, only when the threat model grants them
     private: Mapping[str, object] = field(default_factory=dict)  # defense secrets granted to the attacker (e.g. a key)

@@ -53,6 +53,7 @@ def test_without_the_audit_mod_only_what_needs_no_ground_truth_is_recorded(tmp_p
 
 
 def test_inverting_gradients_scores_a_reconstruction_on_the_cnn(tmp_path):
-    simulate(tmp_path, "ig", audited_app, model="cnn", rounds=1, **{"curious-attack": "inverting"})
+    simulate(tmp_path, "ig", audited_app, model="cnn", rounds=1,
+             **{"curious-attack": "{name: inverting, iterations: 100}"})   # knobs as in the CLI's YAML
     rows = [r for r in records(tmp_path / "ig") if r["kind"] == "attack"]
     assert len(rows) == CLIENTS and all(r["psnr"] is not None and r["batch"] == 8 for r in rows)

@@ -7,9 +7,10 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
+from flwr.supercore.task_identity import TaskIdentity
 
 from attacks.base import Attack
-from fedsim.hook import AUDIT_KEY, CuriousStrategy, MemoryRecorder, ThreatModel, audit_record
+from fedsim.hook import AUDIT_KEY, CuriousStrategy, MemoryRecorder, ThreatModel, audit_record, build_attacks
 from fedsim.models import build_model
 from fedsim.runtime import InlineGrid
 from fedsim.threat import Observation, Reconstruction
@@ -197,3 +198,66 @@ def writer_rows(directory):
     from fedsim.results import read_jsonl
 
     return [r for r in read_jsonl(directory / "results.jsonl") if r.get("kind") == "attack"]
+
+
+# --- transparency to strategy subclasses ------------------------------------------------------------------------
+
+class Scheduled(FedAvg):
+    """A subclass with its own state and methods, and its own start() that keeps a log."""
+
+    def __init__(self):
+        super().__init__(min_available_nodes=1, min_train_nodes=1, fraction_evaluate=0.0)
+        self.log: list[str] = []
+
+    def note(self, text):
+        self.log.append(text)
+        return len(self.log)
+
+    def start(self, grid, initial_arrays, num_rounds=3, timeout=3600, train_config=None, evaluate_config=None,
+              evaluate_fn=None):
+        self.note(f"own start, tag={self.tag}")
+        return super().start(grid, initial_arrays, num_rounds=num_rounds, timeout=timeout, train_config=train_config,
+                             evaluate_config=evaluate_config, evaluate_fn=evaluate_fn)
+
+
+def test_unknown_attributes_are_the_wrapped_strategys_and_its_own_start_runs_with_every_round_attacked():
+    inner, spy, recorder = Scheduled(), Spy(), MemoryRecorder()
+    hook = CuriousStrategy(inner, [spy], _model, ThreatModel(mode="fedsgd", input_shape=(6,)), recorder=recorder)
+    assert hook.note("wrapped") == 1 and hook.log is inner.log and hook.fraction_evaluate == 0.0
+    hook.tag = "set through the wrapper"          # a new attribute lands where the strategy's methods read it
+    assert inner.tag == "set through the wrapper" and "tag" not in vars(hook)
+    with pytest.raises(AttributeError, match="no attribute 'missing'"):
+        hook.missing
+    grid = InlineGrid(_client_app([torch.randn(1, 6) for _ in range(2)]), 2)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, grid.run_id, 0
+    hook.start(grid, ArrayRecord(_model().state_dict()), num_rounds=2)
+    assert inner.log == ["wrapped", "own start, tag=set through the wrapper"]
+    assert sorted((o.round, o.client) for o in spy.seen) == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    assert not set(CuriousStrategy._HOOKED) & set(vars(inner))  # the strategy is left as it was
+
+
+def test_the_threat_model_counts_steps_and_distinct_samples_in_the_apps_terms():
+    epochs = ThreatModel(local_epochs=2, batch_size=8)
+    assert epochs.training("fedavg", 8, 32) == (8, 32)      # 2 epochs x 4 batches of 8, the same 32 samples
+    assert epochs.training("fedavg", 8, 30) == (8, 30)      # the last batch of an epoch holds 6
+    assert epochs.training("fedsgd", 8, 32) == (1, 8)
+    steps = ThreatModel(local_steps=3, batch_size=8)
+    assert steps.training("fedavg", 8, 100) == (3, 24) and steps.training("fedavg", 8, 16) == (3, 16)
+    assert ThreatModel().training("fedavg", None, 32) == (None, None)
+    with pytest.raises(ValueError, match="local_epochs"):
+        ThreatModel(local_epochs=2, local_steps=8)
+    with pytest.raises(ValueError, match="optimizer='adagrad' is invalid"):
+        ThreatModel(optimizer="adagrad")
+    with pytest.raises(ValueError, match="momentum"):
+        ThreatModel(momentum=1.5)
+
+
+def test_attacks_are_given_by_name_by_knobs_as_in_the_cli_yaml_or_by_a_yaml_file(tmp_path):
+    (tmp_path / "ig.yaml").write_text("name: inverting\niterations: 7\n")
+    specs = ["spear", {"name": "inverting", "iterations": 200}, str(tmp_path / "ig.yaml")]
+    named, knobs, from_file = build_attacks(specs)
+    assert (named.name, knobs.config.iterations, from_file.config.iterations) == ("spear", 200, 7)
+    with pytest.raises(ValueError, match=r"attacks\[0\]\.iteration"):
+        build_attacks([{"name": "inverting", "iteration": 200}])
+    with pytest.raises(ValueError, match=r"attacks\[0\]"):
+        build_attacks([3])

@@ -44,10 +44,10 @@ def fedsgd(data, model_node, idx, seed=0, **meta):
     return Observation(0, 0, model, update, info), x, y
 
 
-def sgd_delta(model, x, y, lr, steps, batch_size):
+def sgd_delta(model, x, y, lr, steps, batch_size, momentum=0.0, weight_decay=0.0):
     """What a FedAvg client sends: local - global after `steps` SGD steps over (x, y) in order."""
     local = copy.deepcopy(model)
-    opt = torch.optim.SGD(local.parameters(), lr=lr)
+    opt = torch.optim.SGD(local.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     batches = max(len(x) // batch_size, 1)
     for step in range(steps):
         chunk = slice((step % batches) * batch_size, (step % batches + 1) * batch_size)
@@ -154,6 +154,14 @@ def test_unrolled_update_replays_sgd_exactly(patches):
     delta = sgd_delta(model, x, y, lr=0.1, steps=3, batch_size=2)
     for name in delta:
         torch.testing.assert_close(replay[name], -delta[name] / 0.1, rtol=1e-4, atol=1e-5)
+    # four steps with momentum 0.9 and weight decay: the replay follows torch's SGD, plain SGD does not
+    heavy = LocalTraining(lr=0.1, local_steps=4, batch_size=2, momentum=0.9, weight_decay=5e-3)
+    replay = unrolled_update(model, x, y, heavy, create_graph=False)
+    delta = sgd_delta(model, x, y, lr=0.1, steps=4, batch_size=2, momentum=0.9, weight_decay=5e-3)
+    plain = unrolled_update(model, x, y, LocalTraining(lr=0.1, local_steps=4, batch_size=2), create_graph=False)
+    for name in delta:
+        torch.testing.assert_close(replay[name], -delta[name] / 0.1, rtol=1e-4, atol=1e-5)
+    assert max(float((plain[n] + delta[n] / 0.1).norm() / (delta[n] / 0.1).norm()) for n in delta) > 0.1
 
 
 def test_fedavg_unrolling_beats_plain_gradient_matching(patches):

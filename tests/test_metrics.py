@@ -108,3 +108,16 @@ def test_the_recovered_threshold_is_a_parameter_and_is_recorded():
     loose, strict = score(noisy, truth, recovered_ssim=0.5), score(noisy, truth, recovered_ssim=0.999)
     assert (loose.recovered, loose.recovered_ssim) == (1.0, 0.5) and (strict.recovered, strict.recovered_ssim) == (0.0, 0.999)
     assert loose.identified is None   # no partition given: not measured
+
+
+def test_label_set_accuracy_counts_the_recovered_label_multiset_whatever_the_image_matching():
+    """Images matched to the wrong samples make `label_acc` low; the label multiset is still exactly right."""
+    truth = torch.stack([torch.full((1, 4, 4), v) for v in (0.1, 0.4, 0.7, 0.9)])
+    labels = torch.tensor([3, 3, 5, 7])
+    recon = truth.flip(0)                                      # images in reverse order: matched back to front
+    s = score(recon, truth, recon_labels=labels, truth_labels=labels)
+    assert s.label_acc == 0.0 and s.label_set_acc == 1.0       # recon 0 (=truth 3, label 7) carries label 3, ...
+    s = score(recon, truth, recon_labels=torch.tensor([3, 5, 5, 0]), truth_labels=labels)
+    assert s.label_set_acc == 0.5                              # {3, 5} of {3, 3, 5, 7}
+    s = score(None, truth, recon_labels=torch.tensor([7, 3, 1, 1]), truth_labels=labels)
+    assert s.label_acc == s.label_set_acc == 0.5               # labels only: one multiset overlap

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -29,5 +31,14 @@ def test_the_readme_audit_example_runs_as_written_and_spear_recovers_every_batch
     attacks = [r for r in rows if r["kind"] == "attack"]
     assert len(attacks) == 3 * 2                                  # 3 clients x 2 rounds
     assert all(r["attack"] == "spear" and r["exact"] == 1.0 and r["certified"] for r in attacks), attacks
-    assert json.loads((out / "status.json").read_text())["state"] == "complete"
-    assert list((out / "grids").glob("*.png"))
+    status = json.loads((out / "status.json").read_text())
+    assert (status["state"], status["rounds_done"], status["rounds_total"], status["warnings"]) == ("complete", 2, 2, [])
+    assert sorted(p.name for p in (out / "grids").glob("*.png")) == \
+        [f"round00{r}_client{c}_spear.png" for r in (1, 2) for c in (0, 1)]       # first and last round
+    threat = yaml.safe_load((out / "config.yaml").read_text())["threat"]
+    assert (threat["local_epochs"], threat["batch_size"], threat["normalization"]["mean"]) == (1, 8, [0.3])
+    assert [r["round"] for r in (json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines())] == [1, 2]
+    report = subprocess.run([sys.executable, "-m", "fedsim.report", str(out)], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert (out / "report" / "index.html").exists()

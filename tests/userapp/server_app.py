@@ -1,6 +1,7 @@
 """The user's ServerApp: plain FedAvg. With run config `curious-attack` set, one line wraps the strategy."""
 
 import torch
+import yaml
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
@@ -18,7 +19,8 @@ def main(grid: Grid, context: Context) -> None:
                       min_train_nodes=clients)
     if cfg.get("curious-attack"):
         from fedsim import CuriousStrategy, Normalization, ThreatModel  # the wrapping line:
-        strategy = CuriousStrategy(strategy, [str(cfg["curious-attack"])], MODELS[model], ThreatModel(
+        attacks = yaml.safe_load(str(cfg["curious-attack"]))  # a name, or a name and knobs as in the CLI's YAML
+        strategy = CuriousStrategy(strategy, attacks, MODELS[model], ThreatModel(
             batch_size=BATCH, local_steps=1, lr=LR, input_shape=(1, 8, 8), normalization=Normalization((MEAN,), (STD,))),
             output=str(cfg["curious-output"]))
     torch.manual_seed(0)
