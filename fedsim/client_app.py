@@ -8,6 +8,7 @@ at call time. The same app runs in-process, on Ray's simulation engine and on re
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from typing import Any
@@ -24,7 +25,7 @@ from defenses.secagg import secagg_mod
 from fedsim.arrays import to_state_dict
 from fedsim.audit import may_audit
 from fedsim.config import FLConfig, RunConfig, validate
-from fedsim.faults import InjectedCrash, corrupt, draw_fault
+from fedsim.faults import BAD_EXAMPLES, DTYPE_FORMS, InjectedCrash, corrupt, draw_fault, variant
 from fedsim.hook import AUDIT_KEY, CLIENT_KEY, audit_record
 from fedsim.training import local_update, seed_for, single_thread
 
@@ -98,18 +99,32 @@ def partition_id(context: Context) -> int:
 # --- mods --------------------------------------------------------------------------------------------------------
 
 def fault_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Misbehave when drawn to (faults.*): raise before training, or corrupt the reply after the defense."""
+    """Misbehave when drawn to (faults.*): raise before training, or tamper with the reply after the defense."""
     if msg.metadata.message_type != MessageType.TRAIN:
         return call_next(msg, context)
     plan = plan_of(msg)
     server_round = int(msg.content["config"]["server-round"])
-    fault = draw_fault(plan.run.faults, plan.run.seed, server_round, partition_id(context))
+    pid = partition_id(context)
+    seed = plan.run.seed
+    fault = draw_fault(plan.run.faults, seed, server_round, pid)
     if fault == "crash":
         raise InjectedCrash(f"injected crash (faults.crash) in round {server_round}")
     out = call_next(msg, context)
-    if fault in ("nan", "shape") and not out.has_error():
+    if fault is None or out.has_error():
+        return out
+    if fault in ("nan", "shape", "huge", "dtype"):
         arrays = out.content["arrays"].to_torch_state_dict()
-        out.content["arrays"] = ArrayRecord(corrupt(arrays, fault))
+        form = variant(seed, server_round, pid, len(DTYPE_FORMS))
+        out.content["arrays"] = ArrayRecord(corrupt(arrays, fault, form))
+    elif fault == "examples":
+        out.content["metrics"]["num-examples"] = BAD_EXAMPLES[variant(seed, server_round, pid, len(BAD_EXAMPLES))]
+    elif fault == "audit":
+        out.content[AUDIT_KEY] = ConfigRecord({"x": b"\x00" * 7, "x_shape": [3, 0, -1], "y": [1, 2]})
+    elif fault == "impersonate":
+        info = dict(out.content[CLIENT_KEY])
+        out.content[CLIENT_KEY] = ConfigRecord({**info, "partition-id": (pid + 1) % plan.fl.clients})
+    elif fault == "slow":
+        time.sleep(plan.run.faults.slow_seconds)  # after training: a client left behind computes nothing more
     return out
 
 

@@ -181,7 +181,12 @@ class FLConfig:
     local_steps: int = knob(1, ge=1, help="SGD steps per round in fedavg")
     lr: float = knob(0.1, gt=0.0, help="learning rate (client SGD in fedavg, server step in fedsgd)")
     min_clients: int = knob(1, ge=1, help="a round with fewer healthy replies is skipped")
-    timeout: float = knob(600.0, gt=0.0, help="seconds the server waits for a round's replies")
+    timeout: float = knob(600.0, gt=0.0, help="seconds the server waits for a round's replies; a later reply is a "
+                                              "timeout fault, left out")
+    discovery_timeout: float = knob(300.0, gt=0.0, help="seconds the server waits at the start for every client "
+                                                        "to connect and report its partition")
+    max_norm_ratio: float = knob(1e6, gt=1.0, help="a reply whose norm (or num-examples) exceeds this many times "
+                                                   "the round's median is rejected as huge")
 
 
 @dataclass(frozen=True)
@@ -250,6 +255,7 @@ def validate(cfg: Any, *, deep: bool = True) -> RunConfig:
         if key not in known:
             raise ConfigError(str(key), raw[key], f"a known key ({', '.join(sorted(known - {'hydra'}))})")
     seed = _coerce("seed", raw.get("seed", 0), int)
+    _check_range("seed", seed, {"ge": 0, "lt": 2**63})
     fl = build_config(FLConfig, raw.get("fl"), "fl")
     if fl.clients_per_round is not None and fl.clients_per_round > fl.clients:
         raise ConfigError("fl.clients_per_round", fl.clients_per_round, f"at most fl.clients={fl.clients}")

@@ -14,6 +14,7 @@ import copy
 import logging
 import os
 import random
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -33,7 +34,9 @@ from fedsim.registry import Registry
 
 log = logging.getLogger("fedsim")
 
-INLINE_ACTIVE = False  # True while an in-process (inline) federation runs: it is a simulation
+INLINE_ACTIVE = False  # True while an in-process (inline) federation runs a client: it is a simulation
+_active_calls = 0
+_active_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,10 @@ class InlineGrid(Grid):
     Instructions are deep-copied (strategies send one RecordDict to every node), exceptions become error replies
     as on Flower's engines, and every node keeps its own Context across rounds. Relies on two Flower internals
     that `run_simulation` also uses: the private message id and the process-wide TaskIdentity.
+
+    Clients run one after another, each on a worker thread: with a `timeout`, a client that has not replied
+    within `timeout` seconds of its own start is left behind (its reply never arrives, as on a real grid) and
+    the next one starts. So a round with k late clients lasts its clients' training plus k x timeout.
     """
 
     def __init__(self, client_app: ClientApp, num_nodes: int, run_config: dict | None = None,
@@ -125,12 +132,14 @@ class InlineGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         return list(self.contexts)
 
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+    def push_messages(self, messages: Iterable[Message], timeout: float | None = None) -> Iterable[str]:
         ids = []
         for msg in messages:
             msg_id = str(uuid4())
             msg.metadata.__dict__["_message_id"] = msg_id
-            self._replies[msg_id] = self._deliver(msg)
+            reply = self._deliver_within(msg, timeout)
+            if reply is not None:
+                self._replies[msg_id] = reply
             ids.append(msg_id)
         return ids
 
@@ -138,7 +147,18 @@ class InlineGrid(Grid):
         return [self._replies.pop(i) for i in message_ids if i in self._replies]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        return self.pull_messages(self.push_messages(messages))
+        return self.pull_messages(self.push_messages(messages, timeout))
+
+    def _deliver_within(self, msg: Message, timeout: float | None) -> Message | None:
+        """The node's reply, or None when it takes longer than `timeout` (its thread is left to finish alone)."""
+        if timeout is None:
+            return self._deliver(msg)
+        box: list[Message] = []
+        worker = threading.Thread(target=lambda: box.append(self._deliver(msg)), daemon=True,
+                                  name=f"fedsim-client-{msg.metadata.dst_node_id}")
+        worker.start()
+        worker.join(timeout)
+        return box[0] if box else None
 
     def _deliver(self, msg: Message) -> Message:
         instruction = copy.deepcopy(msg)
@@ -146,8 +166,7 @@ class InlineGrid(Grid):
         if context is None:
             reply = Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="unknown node"), reply_to=instruction)
         else:
-            global INLINE_ACTIVE
-            INLINE_ACTIVE = True
+            _enter_client()
             try:
                 reply = self.client_app(instruction, context)
             except Exception as err:  # a client's exception is its reply, as on Flower's engines
@@ -155,9 +174,23 @@ class InlineGrid(Grid):
                 reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
                                 reply_to=instruction)
             finally:
-                INLINE_ACTIVE = False
+                _leave_client()
         reply.metadata.__dict__["_message_id"] = str(uuid4())
         return reply
+
+
+def _enter_client() -> None:
+    global INLINE_ACTIVE, _active_calls
+    with _active_lock:
+        _active_calls += 1
+        INLINE_ACTIVE = True
+
+
+def _leave_client() -> None:  # a client left behind by a timeout may finish while another runs
+    global INLINE_ACTIVE, _active_calls
+    with _active_lock:
+        _active_calls -= 1
+        INLINE_ACTIVE = _active_calls > 0
 
 
 @register_runtime("inline", InlineConfig)
