@@ -163,8 +163,13 @@ app = ClientApp(mods=[secagg_mod, fault_mod, defense_mod, keylock_mod])
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Tell the server which partition this node holds (node ids are random per run; partition ids are not), and
-    of how many (a SuperNode's operator states both)."""
+    of how many (a SuperNode's operator states both). Given the run's config, prepare for training first."""
     info = {"partition-id": partition_id(context)}
+    if "config" in msg.content.config_records and CONFIG_KEY in msg.content["config"]:
+        plan = plan_of(msg)  # get ready for the first round: load the data, build the model
+        if partition_id(context) < plan.fl.clients:
+            plan.data(partition_id(context))
+            plan.model()
     if "num-partitions" in context.node_config:
         info["num-partitions"] = int(context.node_config["num-partitions"])
     return Message(RecordDict({CLIENT_KEY: ConfigRecord(info)}), reply_to=msg)

@@ -207,6 +207,10 @@ def launch_inline(config: InlineConfig, server_app: ServerApp, client_app: Clien
 
 # --- ray: Flower's simulation engine -------------------------------------------------------------------------------
 
+LOOPBACK = "127.0.0.1"
+_RAY_CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's single-machine mode, everything on loopback
+
+
 @dataclass(frozen=True)
 class RayConfig:
     client_cpus: float = knob(1.0, gt=0.0, help="CPUs reserved per client actor (actors = cpus / client_cpus)")
@@ -215,6 +219,8 @@ class RayConfig:
     object_store_mb: int = knob(256, ge=80, help="Ray object store size in MiB (Ray's minimum is 75)")
     log_level: str = knob("ERROR", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="Ray's own log level")
     pull_interval: float = knob(0.01, gt=0.0, help="seconds between the server's polls for replies (Flower: 0.1)")
+    node_ip: str = knob(LOOPBACK, help="address Ray's processes (GCS, raylet, workers) listen on: 127.0.0.1 keeps "
+                                       "them off the network; this machine's LAN address opens them to it")
 
 
 @register_runtime("ray", RayConfig)
@@ -224,8 +230,15 @@ def launch_ray(config: RayConfig, server_app: ServerApp, client_app: ClientApp, 
         logging.getLogger("alembic").setLevel(logging.WARNING)  # import), no deprecation notice
         logging.getLogger("flwr").addFilter(_NotDeprecatedRunSimulation())
 
+    if config.node_ip == LOOPBACK:
+        # Ray binds its gRPC servers to all interfaces unless its node address is loopback, and turns a given
+        # 127.0.0.1 into the LAN address unless it runs in single-machine mode (the default on macOS/Windows).
+        os.environ.setdefault(_RAY_CLUSTER_ENV, "0")
     from flwr.simulation import run_simulation
 
+    if config.node_ip == LOOPBACK and _ray_cluster_mode():
+        log.warning("ray was imported before runtime=ray set %s=0: its processes listen on all interfaces "
+                    "(set the variable before starting Python to keep them on loopback)", _RAY_CLUSTER_ENV)
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     cpus = config.cpus or os.cpu_count() or 1
@@ -236,6 +249,7 @@ def launch_ray(config: RayConfig, server_app: ServerApp, client_app: ClientApp, 
     backend_config = {
         "client_resources": {"num_cpus": config.client_cpus, "num_gpus": config.client_gpus},
         "init_args": {"num_cpus": cpus, "logging_level": config.log_level, "log_to_driver": False,
+                      **({} if config.node_ip == LOOPBACK else {"_node_ip_address": config.node_ip}),
                       "include_dashboard": False, "object_store_memory": config.object_store_mb * 2**20},
     }
     started = time.perf_counter()
@@ -243,6 +257,12 @@ def launch_ray(config: RayConfig, server_app: ServerApp, client_app: ClientApp, 
                    client_app=client_app,
                    num_supernodes=clients, backend_config=backend_config)
     log.debug("ray simulation finished in %.1f s", time.perf_counter() - started)
+
+
+def _ray_cluster_mode() -> bool:
+    from ray._private import ray_constants
+
+    return bool(ray_constants.ENABLE_RAY_CLUSTER)
 
 
 class _NotDeprecatedRunSimulation(logging.Filter):

@@ -72,9 +72,14 @@ def wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
         time.sleep(0.2)
 
 
-def discover_partitions(grid: Grid, nodes: list[int], clients: int, timeout: float) -> dict[int, int]:
-    """Ask every node for its partition id (node ids are random per run): node id -> partition id."""
-    messages = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
+def discover_partitions(grid: Grid, nodes: list[int], clients: int, timeout: float,
+                        config_yaml: str | None = None) -> dict[int, int]:
+    """Ask every node for its partition id (node ids are random per run): node id -> partition id.
+
+    With `config_yaml` (the run's config, as train instructions carry it) clients also load their data and build
+    their model now, within the discovery timeout, so that the first round's fl.timeout is not spent on it."""
+    content = {"config": ConfigRecord({CONFIG_KEY: config_yaml})} if config_yaml else {}
+    messages = [Message(RecordDict(content), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
     replies = list(grid.send_and_receive(messages, timeout=timeout))
     silent = sorted(set(nodes) - {r.metadata.src_node_id for r in replies})
     if silent:
@@ -129,7 +134,7 @@ def run_federation(grid: Grid, run: RunConfig, output: str, *, show_progress: bo
                                rounds=run.fl.rounds, grid_clients=run.output.grid_clients,
                                grid_every_round=run.output.grid_every_round, console=console)
         nodes = wait_for_nodes(grid, run.fl.clients, run.fl.discovery_timeout)
-        partition_of = discover_partitions(grid, nodes, run.fl.clients, run.fl.discovery_timeout)
+        partition_of = discover_partitions(grid, nodes, run.fl.clients, run.fl.discovery_timeout, config_yaml)
         grid = TimeoutGrid(grid)  # a reply later than fl.timeout is a timeout fault
         if run.faults.dropout > 0:
             grid = LossyGrid(grid, run.faults, run.seed, partition_of)
