@@ -55,7 +55,8 @@ def run(overrides: Sequence[str] = (), output: str | Path | None = None, *, prog
     try:
         clear_run_dir(directory)
         launch({"fedsim-config": yaml.safe_dump(raw, sort_keys=False), "fedsim-output": str(directory),
-                "fedsim-progress": progress}, run_config.runtime, clients=run_config.fl.clients)
+                "fedsim-progress": progress}, run_config.runtime, clients=run_config.fl.clients,
+               nodes=run_config.nodes)
     finally:
         unlock_run_dir(directory)
     return load(directory)

@@ -266,7 +266,8 @@ def run_job(cfg: DictConfig) -> str | None:
         print(f"fedsim: {output} is already complete; skipped")
         return output
     try:
-        launch({"fedsim-config": config_yaml, "fedsim-output": output}, run.runtime, clients=run.fl.clients)
+        launch({"fedsim-config": config_yaml, "fedsim-output": output}, run.runtime, clients=run.fl.clients,
+               nodes=run.nodes)
         status = read_status(output)  # a runtime may end quietly after a failed ServerApp: its status says
         if status.get("state") != "complete":
             raise FedsimError(status.get("error") or f"the run ended in state {status.get('state', 'unknown')!r}")

@@ -231,6 +231,7 @@ class RunConfig:
     defense: dict
     runtime: dict
     raw: dict = field(repr=False, default_factory=dict)
+    nodes: Any = None            # fedsim.runtime.NodesConfig: what simulated nodes hold of their own
 
 
 def validate(cfg: Any, *, deep: bool = True) -> RunConfig:
@@ -244,13 +245,13 @@ def validate(cfg: Any, *, deep: bool = True) -> RunConfig:
     from fedsim.data.partition import partition_config
     from fedsim.faults import fault_config
     from fedsim.models import model_config
-    from fedsim.runtime import runtime_config
+    from fedsim.runtime import nodes_config, runtime_config
 
     raw = _plain(cfg)
     if not isinstance(raw, Mapping):
         raise ConfigError("config", raw, "a mapping")
     known = {"seed", "fl", "partition", "threat", "output", "faults", "audit", "verbose", "data", "model", "attack",
-             "defense", "runtime", "hydra", "experiment", "study", "tracking"}
+             "defense", "runtime", "nodes", "hydra", "experiment", "study", "tracking"}
     for key in raw:
         if key not in known:
             raise ConfigError(str(key), raw[key], f"a known key ({', '.join(sorted(known - {'hydra'}))})")
@@ -271,7 +272,7 @@ def validate(cfg: Any, *, deep: bool = True) -> RunConfig:
         audit=_audit(raw), verbose=_coerce("verbose", raw.get("verbose", False), bool),
         data=dict(raw.get("data") or {}), model=dict(raw.get("model") or {}), attack=attack_node,
         defense=dict(raw.get("defense") or {"name": "none"}), runtime=dict(raw.get("runtime") or {"name": "inline"}),
-        raw=dict(raw),
+        raw=dict(raw), nodes=nodes_config(raw.get("nodes")),
     )
     data_config(run.data)
     model_config(run.model)

@@ -210,6 +210,7 @@ class CuriousStrategy(Strategy):
         self._param_names: list[str] | None = None
         self.view = view
         self.max_ratio = max_ratio
+        self._model_dtypes: dict[str, torch.dtype] | None = None
         self.check_aggregate = check_aggregate
         self.rounds_trained: list[int] = []      # rounds whose aggregate became the global model
         self.rounds_rejected: list[int] = []     # rounds whose aggregate was refused (not finite)
@@ -338,7 +339,8 @@ class CuriousStrategy(Strategy):
                 self.recorder.on_fault(Fault(server_round, client, node, "impersonate", claim))
                 continue
             candidates.append(reply)
-        problems = screen([r.content for r in candidates], global_state, arrayrecord_key=self.arrayrecord_key,
+        problems = screen([r.content for r in candidates], self._reference(global_state),
+                          arrayrecord_key=self.arrayrecord_key,
                           weight_key=getattr(self.inner, "weighted_by_key", "num-examples"), audit_key=AUDIT_KEY,
                           client_key=CLIENT_KEY, max_ratio=self.max_ratio)
         healthy = []
@@ -351,6 +353,16 @@ class CuriousStrategy(Strategy):
             healthy.append(reply)
         return healthy
 
+
+    def _reference(self, global_state: Mapping[str, Tensor] | None) -> dict[str, Tensor] | None:
+        """What each reply must match: the shapes of the arrays sent, in the dtypes of the model itself (a
+        strategy's average may have turned an integer buffer into floats; a client's reply must not)."""
+        if global_state is None:
+            return None
+        if self._model_dtypes is None:
+            self._model_dtypes = {k: v.dtype for k, v in self.model_fn().state_dict().items()}
+        return {k: torch.empty(v.shape, dtype=self._model_dtypes.get(k, v.dtype), device="meta")
+                for k, v in global_state.items()}
 
     def _choose(self, server_round: int, healthy: list[Message]) -> list[Message]:
         chosen = [r for r in healthy if _targeted(self._client_of(r), self.targets)]

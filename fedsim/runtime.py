@@ -64,13 +64,64 @@ def runtime_config(node: Any) -> tuple[str, Any]:
     return name, build_config(spec.Config, values, "runtime", ignore=("name",))
 
 
-def launch(run_config: dict, runtime_node: Any, *, clients: int) -> None:
-    """Run fedsim's ServerApp and ClientApp on the configured runtime with `run_config` as the app's run config."""
+# --- what each simulated SuperNode holds of its own ---------------------------------------------------------------
+
+KEY_SEED = "fedsim-key-seed"  # node config: seed of this node's private key-lock key (never sent by the server)
+
+
+@dataclass(frozen=True)
+class NodesConfig:
+    """What the simulated SuperNodes hold of their own (`nodes.*`). The server never sends it: it is not in the
+    configuration clients receive, as a real SuperNode's `--node-config` is not."""
+
+    key_seed: int | None = knob(0, ge=0, help="seed of the nodes' private key-lock keys (each node mixes in its "
+                                              "partition id; reproducible runs); null: each node draws its own "
+                                              "from OS randomness")
+
+
+def nodes_config(node: Any) -> NodesConfig:
+    return build_config(NodesConfig, _plain(node) or {}, "nodes")
+
+
+def node_configs(cfg: NodesConfig, clients: int) -> dict[int, dict]:
+    """partition id -> what that simulated node adds to its node config."""
+    if cfg.key_seed is None:
+        return {pid: {} for pid in range(clients)}
+    return {pid: {KEY_SEED: cfg.key_seed} for pid in range(clients)}  # a client mixes in its partition id
+
+
+def launch(run_config: dict, runtime_node: Any, *, clients: int, nodes: NodesConfig = NodesConfig()) -> None:
+    """Run fedsim's ServerApp and ClientApp on the configured runtime with `run_config` as the app's run config;
+    simulated node i gets `node_configs(nodes, clients)[i]` in its node config."""
     from fedsim.client_app import app as client_app
     from fedsim.server_app import app as server_app
 
     name, config = runtime_config(runtime_node)
-    RUNTIMES.get(name).launch(config, server_app, client_app, run_config, clients)
+    spec = RUNTIMES.get(name)
+    if spec.simulated:
+        client_app = with_node_config(client_app, node_configs(nodes, clients))
+    spec.launch(config, server_app, client_app, run_config, clients)
+
+
+def with_node_config(client_app: ClientApp, extra: dict[int, dict]) -> ClientApp:
+    """`client_app` on nodes whose node config also holds `extra[partition id]` (what a SuperNode's operator would
+    pass with --node-config): the simulation runtimes have no other way to give a virtual node its own values."""
+    if not any(extra.values()):
+        return client_app
+
+    def node_config_mod(msg: Message, context: Context, call_next) -> Message:
+        context.node_config.update(extra.get(int(context.node_config.get("partition-id", -1)), {}))
+        return call_next(msg, context)
+
+    wrapper = ClientApp(mods=[node_config_mod])
+
+    def delegate(msg: Message, context: Context) -> Message:
+        return client_app(msg, context)
+
+    wrapper.train()(delegate)
+    wrapper.evaluate()(delegate)
+    wrapper.query()(delegate)
+    return wrapper
 
 
 def quiet_flower(verbose: bool) -> None:

@@ -115,9 +115,9 @@ def run_federation(grid: Grid, run: RunConfig, output: str, *, show_progress: bo
     from fedsim.strategy import FedsimStrategy
     from fedsim.training import evaluate
 
-    config_yaml = yaml.safe_dump(_shippable(run.raw), sort_keys=False)
+    config_yaml = yaml.safe_dump(_shippable(run.raw), sort_keys=False)   # what clients receive
     writer = ResultsWriter(output)
-    writer.start(config_yaml, run.fl.rounds)
+    writer.start(yaml.safe_dump({k: v for k, v in run.raw.items() if k != "hydra"}, sort_keys=False), run.fl.rounds)
     attack = build_attack(run.attack)
     defense = build_defense(run.defense)
     console = RunConsole(run.fl.rounds, f"fedsim: {attack.name} vs defense {defense.name}", enabled=show_progress)
@@ -221,5 +221,5 @@ def _prefixed(strength: Mapping[str, float]) -> dict:
 
 
 def _shippable(raw: Mapping[str, Any]) -> dict:
-    """The config clients receive: everything but Hydra's own node."""
-    return {k: v for k, v in raw.items() if k != "hydra"}
+    """The config clients receive: everything but Hydra's own node and what the nodes hold of their own."""
+    return {k: v for k, v in raw.items() if k not in ("hydra", "nodes")}

@@ -31,15 +31,21 @@ def weighted_mean(contents: list[RecordDict], weight_key: str) -> ArrayRecord:
     weights = [next(iter(c.metric_records.values()))[weight_key] for c in contents]
     total = sum(weights)
     mean: dict[str, np.ndarray] = {}
+    dtypes: dict[str, np.dtype] = {}
     for content, weight in zip(contents, weights):
         factor = weight / total
         for record in content.array_records.values():
             for name, array in record.items():
                 if name not in mean:
-                    mean[name] = to_numpy(array) * factor
+                    values = to_numpy(array)
+                    dtypes[name] = values.dtype
+                    mean[name] = values * factor
                 else:
                     mean[name] += to_numpy(array) * factor
-    return ArrayRecord({name: Array(np.asarray(value)) for name, value in mean.items()})
+    # integer buffers (BatchNorm's num_batches_tracked) stay integers: the model's dtype, not float64
+    return ArrayRecord({name: Array(np.asarray(value) if dtypes[name].kind in "fc"
+                                    else np.asarray(np.rint(value)).astype(dtypes[name]))
+                        for name, value in mean.items()})
 
 
 class FedsimStrategy(FedAvg):
