@@ -236,7 +236,12 @@ class CuriousStrategy(Strategy):
         return self.inner.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        metrics = self.inner.aggregate_evaluate(server_round, replies)
+        try:
+            metrics = self.inner.aggregate_evaluate(server_round, replies)
+        except Exception as err:  # clients' own evaluation is a side show: a bad reply must not end the run
+            log.warning("round %s: aggregating the clients' evaluation failed: %s: %s", server_round,
+                        type(err).__name__, err)
+            return None
         if metrics:  # clients' own evaluation (e.g. with their private key-lock layers), beside the server's
             self.recorder.on_round(server_round, {k: v for k, v in metrics.items()})
         return metrics
