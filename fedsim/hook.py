@@ -291,7 +291,10 @@ class CuriousStrategy(Strategy):
             if arrays is not None:
                 problem = _check_global(arrays)
                 if problem is None and self.check_aggregate is not None:
-                    problem = self.check_aggregate(server_round, arrays)
+                    try:
+                        problem = self.check_aggregate(server_round, arrays)
+                    except Exception as err:
+                        problem = f"checking the new global model raised {type(err).__name__}: {str(err)[:300]}"
                 if problem is not None:
                     self._reject(server_round, problem)
                     arrays, metrics = None, None
@@ -308,17 +311,16 @@ class CuriousStrategy(Strategy):
         self.recorder.on_round(server_round, {"rejected": detail})
 
     def _guarded(self, server_round: int, reply: Message, failed: set[int], stage: Callable, *args, **kwargs):
-        """Run one client's processing stage; an exception is that client's fault (kind: the stage), not the end
-        of the run, and its reply is left out."""
+        """Run one client's processing stage; an exception is that client's `observe` fault, not the end of the
+        run, and its reply is left out."""
         try:
             return stage(*args, **kwargs)
         except Exception as err:
-            kind = getattr(err, "fault_kind", "observe")
             detail = f"{type(err).__name__}: {str(err)[:300]}"
             log.warning("round %s: processing the reply of node %s failed (%s)", server_round,
                         reply.metadata.src_node_id, detail)
             self.recorder.on_fault(Fault(server_round, self._known_client(reply.metadata.src_node_id),
-                                         reply.metadata.src_node_id, kind, detail))
+                                         reply.metadata.src_node_id, "observe", detail))
             failed.add(id(reply))
             return None
 
@@ -357,7 +359,6 @@ class CuriousStrategy(Strategy):
                 continue
             healthy.append(reply)
         return healthy
-
 
     def _reference(self, global_state: Mapping[str, Tensor] | None) -> dict[str, Tensor] | None:
         """What each reply must match: the shapes of the arrays sent, in the dtypes of the model itself (a
