@@ -349,7 +349,8 @@ class CuriousStrategy(Strategy):
         problems = screen([r.content for r in candidates], self._reference(global_state),
                           arrayrecord_key=self.arrayrecord_key,
                           weight_key=getattr(self.inner, "weighted_by_key", "num-examples"), audit_key=AUDIT_KEY,
-                          client_key=CLIENT_KEY, max_ratio=self.max_ratio)
+                          client_key=CLIENT_KEY, max_ratio=self.max_ratio,
+                          scale=_model_norm(global_state) if global_state is not None else 0.0)
         healthy = []
         for reply, problem in zip(candidates, problems):
             if problem is not None:
@@ -529,6 +530,11 @@ def _check_global(arrays: ArrayRecord) -> str | None:
         if nd.dtype.kind in "fc" and not np.isfinite(nd).all():
             return f"the new global model's '{name}' holds {int((~np.isfinite(nd)).sum())} non-finite values"
     return None
+
+
+def _model_norm(state: Mapping[str, Tensor]) -> float:
+    """L2 norm of a model's floating-point arrays, in float64."""
+    return math.sqrt(sum(float(v.double().pow(2).sum()) for v in state.values() if v.is_floating_point()))
 
 
 def _int_or_none(value: Any) -> int | None:

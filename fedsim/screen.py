@@ -142,10 +142,12 @@ def check_client(record: ConfigRecord, arrays: Mapping[str, np.ndarray]) -> Reje
 
 def screen(contents: Sequence[RecordDict], reference: Mapping[str, Tensor] | None, *, arrayrecord_key: str,
            weight_key: str = "num-examples", audit_key: str | None = None, client_key: str | None = None,
-           max_ratio: float = MAX_RATIO) -> list[Rejection | None]:
+           max_ratio: float = MAX_RATIO, scale: float = 0.0) -> list[Rejection | None]:
     """The first problem of each reply's content (None: healthy). Sizes are compared across the replies that pass
-    the other checks: a reply whose norm or example count exceeds `max_ratio` times the round's (lower) median is
-    huge. The lower median keeps a minority of hostile replies from moving the bar."""
+    the other checks: a reply whose norm exceeds `max_ratio` times max(the round's lower median norm, `scale`)
+    (the norm of the model sent) is huge, as is an example count over `max_ratio` times the median count. The
+    lower median keeps a minority of hostile replies from moving the bar; `scale` keeps honest replies large next
+    to many tiny ones (late FedSGD gradients of well-fit samples) from looking huge."""
     problems: list[Rejection | None] = []
     norms: dict[int, float] = {}
     counts: dict[int, float] = {}
@@ -179,14 +181,15 @@ def screen(contents: Sequence[RecordDict], reference: Mapping[str, Tensor] | Non
             if keys != usual:
                 problems[i] = Rejection("metrics", f"metric keys {sorted(keys)} differ from the round's {sorted(usual)}")
     healthy = [i for i in norms if problems[i] is None]
-    for values, kind, what in ((norms, "huge", "update norm"), (counts, "examples", weight_key)):
+    for values, kind, what, floor in ((norms, "huge", "norm", scale), (counts, "examples", weight_key, 0.0)):
         bar = _lower_median([values[i] for i in healthy])
-        if bar is None or bar <= 0:
+        if bar is None or max(bar, floor) <= 0:
             continue
+        bar = max(bar, floor)
         for i in healthy:
             if problems[i] is None and values[i] > max_ratio * bar:
-                problems[i] = Rejection(kind, f"{what} {values[i]:.3g} is over {max_ratio:g} x the round's median "
-                                              f"({bar:.3g})")
+                problems[i] = Rejection(kind, f"{what} {values[i]:.3g} is over {max_ratio:g} x {bar:.3g} (the round's "
+                                              f"median{', or the model' if what == 'norm' else ''})")
     return problems
 
 

@@ -212,3 +212,15 @@ def test_a_run_in_which_no_round_trained_is_not_complete(tmp_path, overrides, re
         fedsim_run(tmp_path, *TINY, *overrides)
     status = load(tmp_path / "run").status
     assert status["state"] == "failed" and reason in status["error"]
+
+
+def test_honest_replies_large_next_to_many_tiny_ones_are_not_huge():
+    """Late in FedSGD most gradients of well-fit samples are tiny: the model's own norm keeps the bar honest."""
+    reference = _reference()
+    scale = sum(float(v.double().pow(2).sum()) for v in reference.values()) ** 0.5
+    tiny = [_content({k: torch.full_like(v, 1e-9) for k, v in reference.items()}) for _ in range(5)]
+    usual = [_content({k: torch.randn_like(v) for k, v in reference.items()}) for _ in range(4)]
+    problems = screen(tiny + usual, reference, arrayrecord_key="arrays", scale=scale)
+    assert problems == [None] * 9
+    without_scale = screen(tiny + usual, reference, arrayrecord_key="arrays")
+    assert [p.kind for p in without_scale if p] == ["huge"] * 4    # what the scale is for
