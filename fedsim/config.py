@@ -185,8 +185,9 @@ class FLConfig:
                                               "timeout fault, left out")
     discovery_timeout: float = knob(300.0, gt=0.0, help="seconds the server waits at the start for every client "
                                                         "to connect and report its partition")
-    max_norm_ratio: float = knob(1e6, gt=1.0, help="a reply whose norm (or num-examples) exceeds this many times "
-                                                   "the round's median is rejected as huge")
+    max_norm_ratio: float = knob(1e6, gt=1.0, help="a reply whose norm exceeds this many times the larger of the "
+                                                   "round's median reply norm and the model's norm (or whose "
+                                                   "num-examples exceeds this many times the median) is rejected")
 
 
 @dataclass(frozen=True)
