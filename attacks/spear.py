@@ -81,6 +81,8 @@ _ZERO_SIGMAS = 4.5         # a zero of L q lies within this many noise standard 
 _NOISE_FLOOR = 1.02        # S_b below this many times the noise's largest singular value: the b-th direction is lost
 _EXACT = 1e-3              # relative error up to which a sample counts as exact (as fedsim.metrics' `exact`)
 _F32_FLOOR = 100 * torch.finfo(torch.float32).eps   # the exact regime's zero tolerance on float32 gradients
+_SAMPLING_MAX_TOL = 1e-3   # auto: the sampling search's tolerance cap; noisier updates go to the dictionary solver
+_SAMPLING_MAX_B = 24       # auto: above this b SPEAR's ~2^b sampling costs minutes (BENCHMARKS.md); IRLS takes over
 _CERT_SAFETY = 10.0        # a certified sample's estimated error bound times this must stay within _EXACT
 _OVERSAMPLE = 10           # extra columns of the randomised range finder
 _MIN_PLANE_NORM = 1e-3     # rows closer than this to orthogonal to a family's plane give no angle
@@ -1002,7 +1004,8 @@ def reconstruct(
     deflate: condition later families on directions already found (see `Search.sample`); False samples exactly
     as the paper does.
     solver: "sampling" (SPEAR's search), "dictionary" (sparse directions by IRLS, `DictionarySearch`), or "auto":
-    sampling on exact gradients, dictionary when the gradient is noisy (noise above the dtype floor).
+    sampling on exact gradients up to b = 24, dictionary when the gradient is noisy (noise above float32 rounding)
+    or the batch larger.
     weight_after, bias_after: the layer after the client's local training (FedAvg with several steps): the ReLU
     pattern of each sample was set somewhere between the two, so the certificate judges only the entries whose
     sign agrees at both ends.
@@ -1042,9 +1045,12 @@ def _reconstruct(weight: Tensor, bias: Tensor | None, grad_weight: Tensor, grad_
     # in the noise: no search can find all columns, so none is run beyond a short look.
     edge = problem.noise_std * (math.sqrt(max(m - b, 1)) + math.sqrt(max(n - b, 1)))
     lost = noisy and float(problem.singular_values[-1]) <= _NOISE_FLOOR * edge
-    use_dictionary = solver == "dictionary" or (solver == "auto" and noisy)
+    # Mild noise (a FedAvg delta's float32 cancellation, SecAgg+'s quantisation): the sampling search still finds
+    # the columns at the tolerance it was tuned with (capped at 1e-3); heavier noise needs the dictionary solver.
+    mild = noisy and problem.tol <= _SAMPLING_MAX_TOL
+    use_dictionary = solver == "dictionary" or (solver == "auto" and ((noisy and not mild) or b > _SAMPLING_MAX_B))
     if not (use_dictionary or lost):
-        problem = replace(problem, tol=problem.sampling_tol)
+        problem = replace(problem, tol=max(problem.sampling_tol, problem.tol) if mild else problem.sampling_tol)
     tol_zero = problem.tol
     min_zeros = max(b - 1, math.ceil(tau * m_act))
     cands = Candidates.empty(m, b)
@@ -1060,12 +1066,19 @@ def _reconstruct(weight: Tensor, bias: Tensor | None, grad_weight: Tensor, grad_
     best: Selection | None = None
     stop_reason = "samples"
 
+    improved_at, first_full = 0, None
+
     def attempt(swaps: int) -> bool:
-        nonlocal best
+        nonlocal best, improved_at, first_full
         found = select(problem, search.cands, b, swaps)
         if found is not None and (best is None or found.consistency.mismatches < best.consistency.mismatches):
-            best = found
-        return best is not None and best.consistency.mismatches == 0 and not noisy
+            best, improved_at = found, search.samples
+            first_full = search.samples if first_full is None else first_full
+        if best is None or best.consistency.mismatches != 0:
+            return False
+        if not noisy:
+            return True
+        return bool((_CERT_SAFETY * sample_errors(problem, best.Q, _solve_inputs(best.Q, fact.R)) <= _EXACT).all())
 
     def out_of_time() -> bool:
         return max_seconds is not None and time.perf_counter() - start > max_seconds
@@ -1121,6 +1134,10 @@ def _reconstruct(weight: Tensor, bias: Tensor | None, grad_weight: Tensor, grad_
                 if attempt(swaps=4):
                     stop_reason = "certified"
                     break
+            # Noisy: no certificate may ever come; stop once a long stretch of samples improved nothing.
+            if noisy and first_full is not None and search.samples - improved_at >= max(3 * first_full, 100_000):
+                stop_reason = "converged"
+                break
     if len(search.cands) >= b and not (best is not None and best.consistency.mismatches == 0):
         attempt(swaps=4)
 
@@ -1329,7 +1346,7 @@ class Spear(Attack):
         batch_size: str = knob("meta", choices=("meta", "estimate"),
                                help="b from the threat model (meta.batch_size; estimated when not granted) or always estimated")
         solver: str = knob("auto", choices=("auto", "sampling", "dictionary"),
-                           help="search: SPEAR's sampling, sparse directions by IRLS, or auto (dictionary on noisy gradients)")
+                           help="search: SPEAR's sampling, sparse directions by IRLS, or auto (dictionary on noisy updates or b > 24)")
         seed: int = knob(0, help="seed of the sketch and of the sampling")
 
     def check(self, model: nn.Module, meta: TrainMeta) -> None:

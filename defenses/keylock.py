@@ -6,8 +6,9 @@ The first parametrised layer of the model (a Conv2d or a Linear) becomes a `KeyL
     gamma = act(scale_fc(key)),  beta = act(shift_fc(key))                      (FiLM, per output channel)
 
 `key` (key_dim values ~ U[0, 1), fixed) and the lock layers `scale_fc`, `shift_fc` (Linear(key_dim, channels)) are
-private to each client: drawn from a private per-client seed, kept in the client's Flower `Context.state`, trained
-locally, restored into every model the client downloads, and stripped from every update it sends (`keylock_mod`).
+private to each client: drawn from the client's own seed (its node config's `fedsim-key-seed`, else its OS
+randomness; never anything the server sends), kept in the client's Flower `Context.state`, trained locally,
+restored into every model the client downloads, and stripped from every update it sends (`keylock_mod`).
 The server only ever holds and aggregates the shared parameters; its own model (`build_model(private=False)`)
 carries gamma and beta from a random key of its own (not saved in its state dict), which is what a server without
 the key can evaluate: `accuracy` in rounds.jsonl is that random-key accuracy, and `client_accuracy` is the
@@ -30,7 +31,9 @@ Normalisation (`norm`):
 Attacker options (`attacker`, a threat-model setting, handed to attacks in `TrainMeta.private`):
 - `no_key` (FedKL's setting): the attacker holds the server's model, random gamma and beta.
 - `known_key`: the client's gamma and beta (what key and lock layers produce) are granted to the attacker, through
-  the `fedsim.hook.GRANT_KEY` side channel (simulation only); the attacker's model carries them.
+  the `fedsim.hook.GRANT_KEY` side channel; the attacker's model carries them. Like the audit channel, a client
+  sends them only in a simulation or when its operator consents (`fedsim.audit.may_audit`): a real SuperNode never
+  hands its key to a server that asks.
 - `regress_key`: the key is optimised jointly with the data, through the server's own (wrong) lock layers.
 - `adaptive`: gamma and beta themselves (2 x channels numbers) are optimised jointly with the data.
 Attacks that only optimise inputs treat `regress_key` and `adaptive` as `no_key`; `attack=keylock_inversion`
@@ -40,6 +43,7 @@ implements all four.
 from __future__ import annotations
 
 import math
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -63,6 +67,7 @@ ATTACKERS = ("no_key", "known_key", "regress_key", "adaptive")
 STATE_KEY = "fedsim.keylock"          # in the client's Context.state: its key and lock layers
 PRIVATE_TAG = ".lock."                # private entries of a client's state dict contain this
 ATTACKER_KEY = "keylock.attacker"     # in TrainMeta.private: which attacker option is in force
+KEY_SEED = "fedsim-key-seed"          # node config: this client's private key seed (fedsim.runtime.KEY_SEED)
 GAMMA_KEY, BETA_KEY = "keylock.gamma", "keylock.beta"
 _KEY_STREAM, _SERVER_STREAM = 0x10C4, 0x5E4C
 
@@ -211,8 +216,9 @@ class KeyLockConfig:
                                                     "normalise with the running statistics (an affine map)")
     attacker: str = knob("no_key", choices=ATTACKERS, help="what the attacker knows of the lock: no_key, known_key, "
                                                              "regress_key, adaptive")
-    key_seed: int | None = knob(None, help="private seed of the clients' keys and lock layers (per client); "
-                                           "null: derived from the run's seed")
+    key_seed: int | None = knob(None, help="seed of the server's own random lock (what a server without the key "
+                                           "holds); null: 0. Clients' keys never come from the server's config: "
+                                           "see nodes.key_seed")
     client_evaluation: bool = knob(True, help="clients evaluate each global model with their own keys "
                                               "(client_accuracy)")
 
@@ -246,10 +252,9 @@ class KeyLockDefense(Defense):
 
     def private_state(self, model: nn.Module, seed: int, client: int) -> dict[str, Tensor]:
         """A client's initial key and lock layers (its private entries of `model`'s state dict), drawn from its
-        private seed."""
+        own private `seed` (from its node, never from the server)."""
         cfg = self.config
-        key_seed = cfg.key_seed if cfg.key_seed is not None else seed
-        gen = torch.Generator().manual_seed(_seed(key_seed, client, _KEY_STREAM))
+        gen = torch.Generator().manual_seed(_seed(seed, client, _KEY_STREAM))
         out = {}
         for path, block in lock_blocks(model).items():
             lock = _seeded_lock(cfg.key_dim, block.norm.num_features, cfg.act, gen)
@@ -365,6 +370,7 @@ def keylock_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
         return call_next(msg, context)
     if "arrays" not in msg.content.array_records or "config" not in msg.content.config_records:
         return call_next(msg, context)
+    from fedsim.audit import may_audit
     from fedsim.client_app import CONFIG_KEY, client_plan, partition_id
     from fedsim.hook import CLIENT_KEY, GRANT_KEY
 
@@ -388,7 +394,7 @@ def keylock_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
     context.state[STATE_KEY] = ArrayRecord(updated)
     out.content["arrays"] = ArrayRecord(shared(sent))
     out.content[CLIENT_KEY] = ConfigRecord({**dict(info), "buffers": [b for b in buffers if not is_private(b)]})
-    if lock.config.attacker == "known_key":
+    if lock.config.attacker == "known_key" and may_audit(context):  # simulation (or consent) only
         out.content[GRANT_KEY] = grant_record(lock_outputs(private, lock.config.act))
     return out
 
@@ -402,9 +408,18 @@ def _private_state(context: Context, plan, lock: KeyLockDefense, client: int) ->
     run = plan.run
     bundle = load_dataset(run.data)
     model = lock.build_model(build_model(run.model, bundle.input_shape, bundle.num_classes, run.seed), private=True)
-    state = lock.private_state(model, run.seed, client)
+    state = lock.private_state(model, node_key_seed(context), client)
     context.state[STATE_KEY] = ArrayRecord(state)
     return state
+
+
+def node_key_seed(context: Context) -> int:
+    """The seed of this client's key: its node config's `fedsim-key-seed` (a simulation's `nodes.key_seed`, a
+    SuperNode operator's --node-config), else fresh OS randomness. Never the run config, which the server sends."""
+    value = context.node_config.get(KEY_SEED)
+    if value is not None:
+        return int(value)
+    return secrets.randbits(63)
 
 
 # --- server side: clients evaluate with their own keys ----------------------------------------------------------------

@@ -39,16 +39,26 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
 
 
 def run(overrides: Sequence[str] = (), output: str | Path | None = None, *, progress: bool = False) -> RunResult:
-    """Run one federation like `fedsim OVERRIDES...`, into `output` (a temporary directory by default)."""
+    """Run one federation like `fedsim OVERRIDES...`, into `output` (a temporary directory by default).
+
+    As the CLI: the directory is locked while the run goes (RunDirInUse if another process holds it) and the
+    outputs of an earlier run in it are replaced."""
     from fedsim.config import validate
+    from fedsim.results import clear_run_dir, lock_run_dir, unlock_run_dir
     from fedsim.runtime import launch, quiet_flower
 
     raw = OmegaConf.to_container(compose(overrides), resolve=True)
     run_config = validate(raw)
     quiet_flower(run_config.verbose)
     directory = Path(output) if output is not None else Path(tempfile.mkdtemp(prefix="fedsim-"))
-    launch({"fedsim-config": yaml.safe_dump(raw, sort_keys=False), "fedsim-output": str(directory),
-            "fedsim-progress": progress}, run_config.runtime, clients=run_config.fl.clients)
+    lock_run_dir(directory)
+    try:
+        clear_run_dir(directory)
+        launch({"fedsim-config": yaml.safe_dump(raw, sort_keys=False), "fedsim-output": str(directory),
+                "fedsim-progress": progress}, run_config.runtime, clients=run_config.fl.clients,
+               nodes=run_config.nodes)
+    finally:
+        unlock_run_dir(directory)
     return load(directory)
 
 

@@ -1,7 +1,13 @@
 """`fedsim`: the Hydra entry point. `fedsim key=value ...` runs one federation; `fedsim -m ...` a sweep.
 
-Every config value is checked before any work. A bad value prints one line naming the key, the value and what is
-allowed, and exits with status 2 (in a sweep the job is marked invalid and the sweep goes on).
+Every config value is checked before any work, and before Hydra writes anything: a bad value prints one line
+naming the key, the value and what is allowed, and exits with status 2, leaving every directory as it was (in a
+sweep, a job's bad value marks that job invalid and the sweep goes on).
+
+One run, one directory: a run locks its directory (a second run into it refuses with one line naming the first's
+pid, status 2); a run into a directory that holds a finished or dead run replaces everything of the old run
+(results, rounds, grids, reconstructions, .hydra, logs), so nothing of it is left to mix with the new one. A sweep
+locks its sweep directory, and each job its own.
 """
 
 from __future__ import annotations
@@ -20,13 +26,147 @@ EXIT_CONFIG = 2
 
 
 def main() -> None:
-    """Console script: check group choices on the command line, then hand over to Hydra."""
-    problem = check_group_overrides(sys.argv[1:]) or check_output_dir(sys.argv[1:])
+    """Console script: check the command line (group choices, keys, values, the output directory), take the run
+    directory, then hand over to Hydra."""
+    argv = sys.argv[1:]
+    problem = check_group_overrides(argv)
+    if problem is None:
+        problem, fixed = prepare(argv)
+        sys.argv[1:] = fixed
     if problem:
         print(f"fedsim: {problem}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
     register_study_sweeper()
     _hydra_main()
+
+
+HYDRA_FLAGS_WITHOUT_RUN = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion",
+                           "-sc", "--version", "--resolve", "-p", "--package")
+
+
+def prepare(argv: list[str]) -> tuple[str | None, list[str]]:
+    """(one-line problem or None, the arguments to hand to Hydra) for a command line about to run.
+
+    Composes the config as Hydra will, validates it (a single run: every value; a sweep: its directory), checks the
+    output directory is writable, locks it and, for a single run, clears what an earlier run left there. The run
+    (sweep) directory is resolved once here and passed to Hydra, so `${now:...}` names the directory locked.
+    """
+    from fedsim.errors import FedsimError
+    from fedsim.results import clear_run_dir, lock_run_dir
+
+    if any(a.split("=")[0] in HYDRA_FLAGS_WITHOUT_RUN for a in argv if a.startswith("-")):
+        return None, argv  # Hydra only prints something
+    if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):
+        return None, argv  # other Hydra flags (--config-dir, ...): no pre-check, Hydra reports
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    overrides = [a for a in argv if not a.startswith("-")]
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    try:
+        cfg = compose_checked(overrides, multirun)
+        target = Path(str(OmegaConf.select(cfg, key))).absolute()
+    except FedsimError as err:
+        return str(err), argv
+    problem = check_writable(key, target)
+    if problem:
+        return problem, argv
+    if not multirun:
+        problem = check_values(cfg)
+        if problem:
+            return problem, argv
+    try:
+        lock_run_dir(target)
+    except FedsimError as err:
+        return f"{key}: {err}", argv
+    if not multirun:
+        clear_run_dir(target)
+    fixed = [a for a in argv if not a.lstrip("+~").startswith(key + "=")] + [f"{key}={_quoted(target)}"]
+    return None, fixed
+
+
+def _quoted(path: Path) -> str:
+    """A path as a Hydra override value (quoted when it holds characters the override grammar reads)."""
+    text = str(path)
+    return text if all(c.isalnum() or c in "/._-+" for c in text) else "'" + text.replace("'", "\\'") + "'"
+
+
+def compose_checked(overrides: list[str], multirun: bool) -> DictConfig:
+    """The composed config (with Hydra's node) that the command line gives; sweep overrides take their first
+    value. Raises FedsimError with one line for what Hydra cannot compose (e.g. an unknown key without +)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.utils import setup_globals
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from fedsim.errors import FedsimError
+
+    setup_globals()  # registers ${now:...}
+    try:
+        plain = [first_value(o) for o in overrides] if multirun else overrides
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            return compose(config_name="config", overrides=plain, return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException, ValueError) as err:
+        raise FedsimError(_compose_problem(err, overrides)) from None
+
+
+def first_value(override: str) -> str:
+    """`key=a,b` -> `key=a` (and `key=range(..)`, `glob(..)` ... -> their first value): the config of one job."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides([override])[0]
+    if not parsed.is_sweep_override():
+        return override
+    first = next(iter(parsed.sweep_string_iterator()), None)
+    prefix = override[: len(override) - len(override.lstrip("+~"))]
+    return override if first is None else f"{prefix}{parsed.key_or_group}={first}"
+
+
+def _compose_problem(err: Exception, overrides: list[str]) -> str:
+    """Hydra's composition error as one line naming the key."""
+    import re
+
+    message = str(err)
+    unknown = re.search(r"Could not override '([^']+)'", message)
+    if unknown:
+        key = unknown.group(1)
+        arg = next((o for o in overrides if o.split("=", 1)[0] == key), key)
+        value = arg.split("=", 1)[1] if "=" in arg else ""
+        parent, _, _ = key.rpartition(".")
+        known = _known_keys(parent, [o for o in overrides if o != arg])
+        allowed = f"a known key of {parent or 'the config'}" + (f" ({', '.join(known)})" if known else "")
+        try:
+            shown = repr(yaml.safe_load(value))
+        except yaml.YAMLError:
+            shown = repr(value)
+        return f"{key}={shown} is invalid: expected {allowed}; a new key needs a + in front (+{key}={value})"
+    first = next((line.strip() for line in message.splitlines() if line.strip()), type(err).__name__)
+    return first
+
+
+def _known_keys(parent: str, overrides: list[str]) -> list[str]:
+    from hydra import compose, initialize_config_dir
+
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose(config_name="config", overrides=overrides)
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        return sorted(str(k) for k in node.keys()) if isinstance(node, DictConfig) else []
+    except Exception:  # the rest of the command line does not compose either: name no keys
+        return []
+
+
+def check_values(cfg: DictConfig) -> str | None:
+    """One line for the first invalid value of a single run's config (as `run_job` validates it)."""
+    from fedsim.config import validate
+    from fedsim.errors import AttackNotApplicable, ConfigError, DatasetNotFound, FedsimError
+
+    try:
+        job = OmegaConf.masked_copy(cfg, [str(k) for k in cfg.keys() if k != "hydra"])
+        validate(OmegaConf.to_container(job, resolve=True))
+    except (ConfigError, AttackNotApplicable, DatasetNotFound, FedsimError, ValueError) as err:
+        return str(err).splitlines()[0] if str(err) else type(err).__name__
+    except Exception as err:  # an interpolation that does not resolve, ...
+        return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    return None
 
 
 def register_study_sweeper() -> None:
@@ -59,23 +199,10 @@ def check_group_overrides(argv: list[str]) -> str | None:
     return None
 
 
-def check_output_dir(argv: list[str]) -> str | None:
-    """A one-line problem when the run (or sweep) directory cannot be written; None when it can or is unknown."""
+def check_writable(key: str, target: Path) -> str | None:
+    """A one-line problem when the run (or sweep) directory cannot be written; None when it can."""
     import tempfile
 
-    overrides = [a for a in argv if not a.startswith("-")]
-    multirun = any(a in ("-m", "--multirun") for a in argv)
-    try:
-        from hydra import compose, initialize_config_dir
-        from hydra.core.utils import setup_globals
-
-        setup_globals()  # registers ${now:...}
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
-        key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
-        target = Path(str(OmegaConf.select(cfg, key))).absolute()
-    except Exception:  # let Hydra report whatever it cannot compose
-        return None
     existing = target
     while not existing.exists():
         existing = existing.parent
@@ -84,6 +211,9 @@ def check_output_dir(argv: list[str]) -> str | None:
             raise NotADirectoryError(f"{existing} is not a directory")
         with tempfile.NamedTemporaryFile(dir=existing):
             pass
+        if existing != target:  # e.g. /proc accepts a temporary file in some places but no new directory
+            probe = Path(tempfile.mkdtemp(dir=existing))
+            probe.rmdir()
     except OSError as err:
         reason = err.strerror or str(err)
         return f"{key}={str(target)!r} is invalid: expected a writable directory ({reason}: {existing})"
@@ -101,8 +231,8 @@ def run_job(cfg: DictConfig) -> str | None:
     from hydra.types import RunMode
 
     from fedsim.config import validate
-    from fedsim.errors import AttackNotApplicable, ConfigError, DatasetNotFound, FedsimError
-    from fedsim.results import ResultsWriter, read_status
+    from fedsim.errors import AttackNotApplicable, ConfigError, DatasetNotFound, FedsimError, RunDirInUse
+    from fedsim.results import ResultsWriter, lock_run_dir, read_status
     from fedsim.runtime import launch, quiet_flower
 
     hc = HydraConfig.get()
@@ -124,16 +254,28 @@ def run_job(cfg: DictConfig) -> str | None:
         sys.exit(EXIT_CONFIG)
     quiet_flower(run.verbose)
     config_yaml = yaml.safe_dump(raw, sort_keys=False)
+    try:
+        lock_run_dir(output)  # a sweep job (a single run holds its lock since `prepare`)
+    except RunDirInUse as err:
+        print(f"fedsim: hydra.run.dir: {err}", file=sys.stderr)
+        if not multirun:
+            sys.exit(EXIT_CONFIG)
+        return output
     status = read_status(output)
     if multirun and status.get("state") == "complete" and _same_config(output, config_yaml):
         print(f"fedsim: {output} is already complete; skipped")
         return output
     try:
-        launch({"fedsim-config": config_yaml, "fedsim-output": output}, run.runtime, clients=run.fl.clients)
+        launch({"fedsim-config": config_yaml, "fedsim-output": output}, run.runtime, clients=run.fl.clients,
+               nodes=run.nodes)
+        status = read_status(output)  # a runtime may end quietly after a failed ServerApp: its status says
+        if status.get("state") != "complete":
+            raise FedsimError(status.get("error") or f"the run ended in state {status.get('state', 'unknown')!r}")
     except KeyboardInterrupt:
         raise
     except Exception as err:
-        print(f"fedsim: the run failed: {type(err).__name__}: {err}", file=sys.stderr)
+        detail = str(err) if isinstance(err, FedsimError) else f"{type(err).__name__}: {err}"
+        print(f"fedsim: the run failed: {detail}", file=sys.stderr)
         if not multirun:
             sys.exit(1)
     return output
@@ -156,7 +298,7 @@ def _same_config(output: str, config_yaml: str) -> bool:
 def _remove_if_empty(output: str) -> None:
     """Remove a run directory holding nothing but Hydra's own files (no result may look half-made)."""
     path = Path(output)
-    if path.is_dir() and all(p.name in (".hydra", "main.log", "cli.log") for p in path.iterdir()):
+    if path.is_dir() and all(p.name in (".hydra", "main.log", "cli.log", ".fedsim.lock") for p in path.iterdir()):
         shutil.rmtree(path, ignore_errors=True)
 
 

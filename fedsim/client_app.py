@@ -8,6 +8,7 @@ at call time. The same app runs in-process, on Ray's simulation engine and on re
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from typing import Any
@@ -24,7 +25,7 @@ from defenses.secagg import secagg_mod
 from fedsim.arrays import to_state_dict
 from fedsim.audit import may_audit
 from fedsim.config import FLConfig, RunConfig, validate
-from fedsim.faults import InjectedCrash, corrupt, draw_fault
+from fedsim.faults import BAD_EXAMPLES, DTYPE_FORMS, InjectedCrash, corrupt, draw_fault, variant
 from fedsim.hook import AUDIT_KEY, CLIENT_KEY, audit_record
 from fedsim.training import local_update, seed_for, single_thread
 
@@ -98,18 +99,32 @@ def partition_id(context: Context) -> int:
 # --- mods --------------------------------------------------------------------------------------------------------
 
 def fault_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Misbehave when drawn to (faults.*): raise before training, or corrupt the reply after the defense."""
+    """Misbehave when drawn to (faults.*): raise before training, or tamper with the reply after the defense."""
     if msg.metadata.message_type != MessageType.TRAIN:
         return call_next(msg, context)
     plan = plan_of(msg)
     server_round = int(msg.content["config"]["server-round"])
-    fault = draw_fault(plan.run.faults, plan.run.seed, server_round, partition_id(context))
+    pid = partition_id(context)
+    seed = plan.run.seed
+    fault = draw_fault(plan.run.faults, seed, server_round, pid)
     if fault == "crash":
         raise InjectedCrash(f"injected crash (faults.crash) in round {server_round}")
     out = call_next(msg, context)
-    if fault in ("nan", "shape") and not out.has_error():
+    if fault is None or out.has_error():
+        return out
+    if fault in ("nan", "shape", "huge", "dtype"):
         arrays = out.content["arrays"].to_torch_state_dict()
-        out.content["arrays"] = ArrayRecord(corrupt(arrays, fault))
+        form = variant(seed, server_round, pid, len(DTYPE_FORMS))
+        out.content["arrays"] = ArrayRecord(corrupt(arrays, fault, form))
+    elif fault == "examples":
+        out.content["metrics"]["num-examples"] = BAD_EXAMPLES[variant(seed, server_round, pid, len(BAD_EXAMPLES))]
+    elif fault == "audit":
+        out.content[AUDIT_KEY] = ConfigRecord({"x": b"\x00" * 7, "x_shape": [3, 0, -1], "y": [1, 2]})
+    elif fault == "impersonate":
+        info = dict(out.content[CLIENT_KEY])
+        out.content[CLIENT_KEY] = ConfigRecord({**info, "partition-id": (pid + 1) % plan.fl.clients})
+    elif fault == "slow":
+        time.sleep(plan.run.faults.slow_seconds)  # after training: a client left behind computes nothing more
     return out
 
 
@@ -119,7 +134,8 @@ def defense_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
     The defense transforms one update: the gradient (FedSGD) or weight delta (FedAvg) of every parameter, and the
     change of every floating-point buffer it sends (BatchNorm running statistics: `sent - received`), so that
     clipping and noise bound all the client releases. Integer buffers (BatchNorm's `num_batches_tracked`) count
-    local steps, which do not depend on the data, and are sent as they are.
+    local steps, which do not depend on the data, and are sent as they are. Noised running variances are clamped
+    at zero afterwards (post-processing).
     """
     if msg.metadata.message_type != MessageType.TRAIN:
         return call_next(msg, context)
@@ -145,6 +161,9 @@ def defense_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
     defended = defense.transform(update, ctx)
     arrays = {k: ((incoming[k] + defended[k]) if k in as_delta else defended[k]) if k in defended else v
               for k, v in sent.items()}
+    # Post-processing (it leaves any privacy guarantee as it is): a variance the noise pushed below zero is no
+    # variance; the model, and the average of the clients' models, would compute NaN with it.
+    arrays = {k: v.clamp_min(0.0) if k in buffers and k.endswith("running_var") else v for k, v in arrays.items()}
     out.content["arrays"] = ArrayRecord(arrays)
     return out
 
@@ -173,8 +192,13 @@ app = ClientApp(mods=[secagg_mod, fault_mod, defense_mod, buffers_mod, keylock_m
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Tell the server which partition this node holds (node ids are random per run; partition ids are not), and
-    of how many (a SuperNode's operator states both)."""
+    of how many (a SuperNode's operator states both). Given the run's config, prepare for training first."""
     info = {"partition-id": partition_id(context)}
+    if "config" in msg.content.config_records and CONFIG_KEY in msg.content["config"]:
+        plan = plan_of(msg)  # get ready for the first round: load the data, build the model
+        if partition_id(context) < plan.fl.clients:
+            plan.data(partition_id(context))
+            plan.model()
     if "num-partitions" in context.node_config:
         info["num-partitions"] = int(context.node_config["num-partitions"])
     return Message(RecordDict({CLIENT_KEY: ConfigRecord(info)}), reply_to=msg)

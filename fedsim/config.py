@@ -181,7 +181,13 @@ class FLConfig:
     local_steps: int = knob(1, ge=1, help="SGD steps per round in fedavg")
     lr: float = knob(0.1, gt=0.0, help="learning rate (client SGD in fedavg, server step in fedsgd)")
     min_clients: int = knob(1, ge=1, help="a round with fewer healthy replies is skipped")
-    timeout: float = knob(600.0, gt=0.0, help="seconds the server waits for a round's replies")
+    timeout: float = knob(600.0, gt=0.0, help="seconds the server waits for a round's replies; a later reply is a "
+                                              "timeout fault, left out")
+    discovery_timeout: float = knob(300.0, gt=0.0, help="seconds the server waits at the start for every client "
+                                                        "to connect and report its partition")
+    max_norm_ratio: float = knob(1e6, gt=1.0, help="a reply whose norm exceeds this many times the larger of the "
+                                                   "round's median reply norm and the model's norm (or whose "
+                                                   "num-examples exceeds this many times the median) is rejected")
     send_buffers: bool = knob(True, help="clients send their BatchNorm statistics with the update (false: they stay "
                                          "on the client, FedBN-style, and the server keeps its own)")
 
@@ -234,6 +240,7 @@ class RunConfig:
     runtime: dict
     raw: dict = field(repr=False, default_factory=dict)
     metrics: MetricsConfig = MetricsConfig()
+    nodes: Any = None            # fedsim.runtime.NodesConfig: what simulated nodes hold of their own
 
 
 def validate(cfg: Any, *, deep: bool = True) -> RunConfig:
@@ -247,13 +254,13 @@ def validate(cfg: Any, *, deep: bool = True) -> RunConfig:
     from fedsim.data.partition import partition_config
     from fedsim.faults import fault_config
     from fedsim.models import model_config
-    from fedsim.runtime import runtime_config
+    from fedsim.runtime import nodes_config, runtime_config
 
     raw = _plain(cfg)
     if not isinstance(raw, Mapping):
         raise ConfigError("config", raw, "a mapping")
     known = {"seed", "fl", "partition", "threat", "output", "faults", "audit", "verbose", "data", "model", "attack",
-             "defense", "runtime", "hydra", "experiment", "study", "tracking", "metrics"}
+             "defense", "runtime", "nodes", "hydra", "experiment", "study", "tracking", "metrics"}
     for key in raw:
         if key not in known:
             raise ConfigError(str(key), raw[key], f"a known key ({', '.join(sorted(known - {'hydra'}))})")
@@ -263,6 +270,7 @@ def validate(cfg: Any, *, deep: bool = True) -> RunConfig:
         raise ConfigError("threat.buffers", threat_node["buffers"],
                           "no such key: the server always sees the BatchNorm statistics clients send; to keep them "
                           "on the clients set fl.send_buffers=false")
+    _check_range("seed", seed, {"ge": 0, "lt": 2**63})
     fl = build_config(FLConfig, raw.get("fl"), "fl")
     if fl.clients_per_round is not None and fl.clients_per_round > fl.clients:
         raise ConfigError("fl.clients_per_round", fl.clients_per_round, f"at most fl.clients={fl.clients}")
@@ -279,6 +287,7 @@ def validate(cfg: Any, *, deep: bool = True) -> RunConfig:
         data=dict(raw.get("data") or {}), model=dict(raw.get("model") or {}), attack=attack_node,
         defense=dict(raw.get("defense") or {"name": "none"}), runtime=dict(raw.get("runtime") or {"name": "inline"}),
         raw=dict(raw), metrics=build_config(MetricsConfig, raw.get("metrics"), "metrics"),
+        nodes=nodes_config(raw.get("nodes")),
     )
     data_config(run.data)
     model_config(run.model)
@@ -319,7 +328,6 @@ def _deep_checks(run: RunConfig, attack: Any) -> None:
     from fedsim.data.partition import partition
     from fedsim.models import build_model
     from defenses.base import build_defense
-    from fedsim.threat import TrainMeta
 
     bundle = load_dataset(run.data)
     parts = partition(bundle.train_y, run.fl.clients, run.partition, run.seed)

@@ -31,3 +31,7 @@ class AttackNotApplicable(FedsimError):
 
 class ReconstructionFailed(FedsimError):
     """An attack ran but could not produce a reconstruction."""
+
+
+class RunDirInUse(FedsimError):
+    """Another live process runs in the run directory (it holds the directory's lock)."""

@@ -30,8 +30,9 @@ from flwr.serverapp.strategy import Strategy
 from torch import Tensor, nn
 
 from attacks.base import Attack, build_attack
-from fedsim.arrays import to_numpy
 from fedsim.errors import ConfigError
+from fedsim.grids import is_late
+from fedsim.screen import MAX_RATIO, check_audit, decode, screen
 from fedsim.threat import (Normalization, Observation, Optimizer, Reconstruction, TrainMeta,
                            implausible_normalization)
 
@@ -172,8 +173,17 @@ class Fault:
     round: int
     client: int | None
     node_id: int
-    kind: str                      # crash, dropout, nan, shape; audit (the audit mod sent no batch: unscored)
+    kind: str                      # see FAULT_KINDS
     detail: str = ""
+
+
+# What a Fault's kind says: crash (the client raised), dropout (no reply), timeout (no reply within the round's
+# timeout), decode / dtype / shape / nan / huge / examples / metrics / audit / client (`fedsim.screen`), impersonate (a
+# reply claiming another node's partition), observe / score (the server's processing of that one reply raised),
+# aggregate (client None: the round's new global model was not finite, or the aggregation raised; the previous
+# model is kept).
+FAULT_KINDS = ("crash", "dropout", "timeout", "decode", "dtype", "shape", "nan", "huge", "examples", "metrics",
+               "audit", "client", "impersonate", "observe", "score", "aggregate")
 
 
 class Recorder(Protocol):
@@ -250,6 +260,13 @@ class CuriousStrategy(Strategy):
     view: the attacker's view of each observation under the defense (`Defense.observe`); identity by default.
     partitions: client id -> that client's whole training partition (model space; `AGGREGATE_CLIENT`: every
         contributing client's), for the scorer only (`identified`); never shown to an attack.
+    max_ratio: a reply whose norm (or example count) exceeds this many times the round's median is rejected.
+    check_aggregate: further check of each new global model (e.g. its loss is finite): a message rejects it.
+
+    Every reply is screened completely (`fedsim.screen`) before anything uses it; a failed check, a reply that
+    claims another node's partition, or an exception while processing one reply is a `Fault` of that client and
+    the reply is left out; the round goes on. A new global model that is not finite is rejected (the previous
+    one is kept) and recorded as an `aggregate` fault.
 
     Replies that carry `AGGREGATE_KEY` (secure aggregation) hold one aggregate, not individual updates: it is
     attacked once per round as client `AGGREGATE_CLIENT`, as a batch of all contributing clients' samples.
@@ -263,7 +280,8 @@ class CuriousStrategy(Strategy):
                  scorer: Scorer = default_scorer, drop_faulty: bool = True, min_clients: int = 1,
                  arrayrecord_key: str | None = None, client_of_node: Mapping[int, int] | None = None,
                  output: str | None = None, view: Callable[[Observation], Observation] | None = None,
-                 partitions: Callable[[int], Tensor | None] | None = None) -> None:
+                 partitions: Callable[[int], Tensor | None] | None = None, max_ratio: float = MAX_RATIO,
+                 check_aggregate: Callable[[int, ArrayRecord], str | None] | None = None) -> None:
         self.inner = strategy
         self.attacks = build_attacks(attacks)
         self.model_fn = model_fn
@@ -289,6 +307,11 @@ class CuriousStrategy(Strategy):
         self._param_names: list[str] | None = None
         self._buffers: frozenset[str] | None = None
         self.view = view
+        self.max_ratio = max_ratio
+        self._model_dtypes: dict[str, torch.dtype] | None = None
+        self.check_aggregate = check_aggregate
+        self.rounds_trained: list[int] = []      # rounds whose aggregate became the global model
+        self.rounds_rejected: list[int] = []     # rounds whose aggregate was refused (not finite)
         self.partitions = partitions
         self.warnings: list[str] = []          # said once per run (also in status.json when writing output)
         self._originals: dict[str, Callable] = {}  # the strategy's own hooked methods while its start() runs
@@ -353,7 +376,12 @@ class CuriousStrategy(Strategy):
         return self.inner.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        metrics = self._inner("aggregate_evaluate")(server_round, replies)
+        try:
+            metrics = self._inner("aggregate_evaluate")(server_round, replies)
+        except Exception as err:  # clients' own evaluation is a side show: a bad reply must not end the run
+            log.warning("round %s: aggregating the clients' evaluation failed: %s: %s", server_round,
+                        type(err).__name__, err)
+            return None
         if metrics:  # clients' own evaluation (e.g. with their private key-lock layers), beside the server's
             self.recorder.on_round(server_round, {k: v for k, v in metrics.items()})
         return metrics
@@ -386,36 +414,59 @@ class CuriousStrategy(Strategy):
                 self._client_ids.setdefault(reply.metadata.src_node_id, partition)
         healthy = self._screen(server_round, replies, sent, global_state)
         truths = {}
-        for reply in healthy:
-            truth, failure, _ = audits.get(id(reply), (None, None, None))
+        for reply in list(healthy):
+            truth, failure, _, malformed = audits.get(id(reply), (None, None, None, False))
             truths[id(reply)] = truth
-            if failure is not None:
+            if malformed:  # a malformed audit record is a hostile or broken reply: left out
+                self.recorder.on_fault(Fault(server_round, self._client_of(reply), reply.metadata.src_node_id,
+                                             "audit", failure))
+                healthy.remove(reply)
+            elif failure is not None:  # the client could not capture its batch: it still aggregates, unscored
                 self.recorder.on_fault(Fault(server_round, self._client_of(reply), reply.metadata.src_node_id,
                                              "audit", f"no ground truth, the attacks go unscored: {failure}"))
-        grants = {id(r): _pop_grant(r) for r in replies if not r.has_error()}
+        grants = {id(r): _pop_grant(r) for r in replies if r.has_content()}
         aggregate = next((r for r in healthy if AGGREGATE_KEY in r.content.config_records), None)
+        failed: set[int] = set()
         if global_state is not None and aggregate is not None:
             info = aggregate.content.config_records[AGGREGATE_KEY]
             truth = next((truths[id(r)] for r in healthy if truths.get(id(r)) is not None), None)
-            self._observe(server_round, aggregate, global_state, truth, client=AGGREGATE_CLIENT,
-                          batch_size=int(info["batch-size"]) if "batch-size" in info else None,
-                          num_examples=int(info["num-examples"]) if "num-examples" in info else None)
+            self._guarded(server_round, aggregate, failed, self._observe, server_round, aggregate, global_state,
+                          truth, client=AGGREGATE_CLIENT, batch_size=_int_or_none(info.get("batch-size")),
+                          num_examples=_int_or_none(info.get("num-examples")))
         elif global_state is not None:
-            chosen = self._choose(server_round, healthy)
-            for reply in chosen:
-                self._observe(server_round, reply, global_state, truths.get(id(reply)), grant=grants.get(id(reply)))
+            for reply in self._choose(server_round, healthy):
+                self._guarded(server_round, reply, failed, self._observe, server_round, reply, global_state,
+                              truths.get(id(reply)), grant=grants.get(id(reply)))
+        healthy = [r for r in healthy if id(r) not in failed]
         healthy_ids = {id(r) for r in healthy}
         kept = [r for r in replies if id(r) in healthy_ids or r.has_error() or not self.drop_faulty]
         n_healthy = len(healthy)
         self.recorder.on_round(server_round, {"sent": len(sent), "received": len(replies), "healthy": n_healthy,
                                               "observed": "aggregate" if aggregate is not None else "individual"})
+        arrays, metrics = None, None
         if n_healthy < self.min_clients:
             skipped = f"{n_healthy} healthy replies < min_clients={self.min_clients}"
             self.recorder.on_round(server_round, {"skipped": skipped})
-            arrays, metrics = None, None
         else:
             skipped = "the strategy aggregated no model"
-            arrays, metrics = self._inner("aggregate_train")(server_round, kept)
+            try:
+                arrays, metrics = self._inner("aggregate_train")(server_round, kept)
+            except Exception as err:  # the previous model is kept; the run goes on
+                skipped = f"aggregation raised {type(err).__name__}"
+                self._reject(server_round, f"aggregation raised {type(err).__name__}: {str(err)[:300]}")
+            if arrays is not None:
+                problem = _check_global(arrays)
+                if problem is None and self.check_aggregate is not None:
+                    try:
+                        problem = self.check_aggregate(server_round, arrays)
+                    except Exception as err:
+                        problem = f"checking the new global model raised {type(err).__name__}: {str(err)[:300]}"
+                if problem is not None:
+                    self._reject(server_round, problem)
+                    skipped = f"the new global model was rejected ({problem})"
+                    arrays, metrics = None, None
+                else:
+                    self.rounds_trained.append(server_round)
         self._rounds_run += 1
         if arrays is not None:
             self._rounds_trained += 1
@@ -426,6 +477,26 @@ class CuriousStrategy(Strategy):
                                                   for k, v in (metrics or {}).items()})
             self._open_round = server_round
         return arrays, metrics
+
+    def _reject(self, server_round: int, detail: str) -> None:
+        log.warning("round %s: the new global model is rejected, the previous one kept: %s", server_round, detail)
+        self.rounds_rejected.append(server_round)
+        self.recorder.on_fault(Fault(server_round, None, 0, "aggregate", detail))
+        self.recorder.on_round(server_round, {"rejected": detail})
+
+    def _guarded(self, server_round: int, reply: Message, failed: set[int], stage: Callable, *args, **kwargs):
+        """Run one client's processing stage; an exception is that client's `observe` fault, not the end of the
+        run, and its reply is left out."""
+        try:
+            return stage(*args, **kwargs)
+        except Exception as err:
+            detail = f"{type(err).__name__}: {str(err)[:300]}"
+            log.warning("round %s: processing the reply of node %s failed (%s)", server_round,
+                        reply.metadata.src_node_id, detail)
+            self.recorder.on_fault(Fault(server_round, self._known_client(reply.metadata.src_node_id),
+                                         reply.metadata.src_node_id, "observe", detail))
+            failed.add(id(reply))
+            return None
 
     # -- the run directory (output=...) ---------------------------------------------------------------------------
     def _begin(self, num_rounds: int | None) -> None:
@@ -489,27 +560,50 @@ class CuriousStrategy(Strategy):
 
     def _screen(self, server_round: int, replies: list[Message], sent: list[int],
                 global_state: Mapping[str, Tensor] | None) -> list[Message]:
-        """Detect faults (missing, error, non-finite, wrong shape); returns the healthy replies."""
+        """Detect faults (missing, late, error, impersonation, anything `fedsim.screen` finds); returns the
+        healthy replies."""
         received = {r.metadata.src_node_id for r in replies}
         for node in sent:
             if node not in received:
                 self.recorder.on_fault(Fault(server_round, self._known_client(node), node, "dropout",
                                              "no reply before the round's timeout"))
-        healthy = []
+        candidates = []
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
-                self.recorder.on_fault(Fault(server_round, self._known_client(node), node, "crash",
+                kind = "timeout" if is_late(reply) else "crash"
+                self.recorder.on_fault(Fault(server_round, self._known_client(node), node, kind,
                                              f"error code {reply.error.code}: {reply.error.reason[:300]}"))
                 continue
-            client = self._client_of(reply)
-            problem = _check_arrays(reply, self.arrayrecord_key, global_state, self._buffer_names())
+            client, claim = self._identify(reply)
+            if claim is not None:
+                self.recorder.on_fault(Fault(server_round, client, node, "impersonate", claim))
+                continue
+            candidates.append(reply)
+        problems = screen([r.content for r in candidates], self._reference(global_state),
+                          arrayrecord_key=self.arrayrecord_key,
+                          weight_key=getattr(self.inner, "weighted_by_key", "num-examples"), audit_key=AUDIT_KEY,
+                          client_key=CLIENT_KEY, max_ratio=self.max_ratio, optional=self._buffer_names(),
+                          scale=_model_norm(global_state) if global_state is not None else 0.0)
+        healthy = []
+        for reply, problem in zip(candidates, problems):
             if problem is not None:
-                kind, detail = problem
-                self.recorder.on_fault(Fault(server_round, client, node, kind, detail))
+                node = reply.metadata.src_node_id
+                self.recorder.on_fault(Fault(server_round, self._client_of(reply), node, problem.kind,
+                                             problem.detail))
                 continue
             healthy.append(reply)
         return healthy
+
+    def _reference(self, global_state: Mapping[str, Tensor] | None) -> dict[str, Tensor] | None:
+        """What each reply must match: the shapes of the arrays sent, in the dtypes of the model itself (a
+        strategy's average may have turned an integer buffer into floats; a client's reply must not)."""
+        if global_state is None:
+            return None
+        if self._model_dtypes is None:
+            self._model_dtypes = {k: v.dtype for k, v in self.model_fn().state_dict().items()}
+        return {k: torch.empty(v.shape, dtype=self._model_dtypes.get(k, v.dtype), device="meta")
+                for k, v in global_state.items()}
 
     def _choose(self, server_round: int, healthy: list[Message]) -> list[Message]:
         chosen = [r for r in healthy if _targeted(self._client_of(r), self.targets)]
@@ -563,7 +657,12 @@ class CuriousStrategy(Strategy):
                 self._check_normalization(recon.inputs, meta, f"{attack.name}'s certified reconstruction")
             if truth is not None:  # an attack that raised recovered nothing: scored so, not left out
                 scored = recon if recon is not None else Reconstruction(inputs=None, stats={"failed": True})
-                scores = self.scorer(scored, truth, meta)
+                try:
+                    scores = self.scorer(scored, truth, meta)
+                except Exception as err:  # e.g. a reconstruction of values no matching can handle
+                    detail = f"scoring {attack.name} failed: {type(err).__name__}: {str(err)[:300]}"
+                    error = error or detail
+                    self.recorder.on_fault(Fault(server_round, client, reply.metadata.src_node_id, "score", detail))
             self.recorder.on_attack(AttackRecord(server_round, client, attack.name, seconds, recon, scores, error),
                                     truth, meta)
 
@@ -603,16 +702,34 @@ class CuriousStrategy(Strategy):
             self._warn(f"ThreatModel.normalization does not fit {source}: {problem}")
 
     # -- client identity ----------------------------------------------------------------------------------------
-    def _client_of(self, reply: Message) -> int:
-        record = reply.content.config_records.get(CLIENT_KEY) if reply.has_content() else None
-        if record is not None and "partition-id" in record:
-            client = int(record["partition-id"])
-            self._client_ids[reply.metadata.src_node_id] = client
-            return client
+    def _identify(self, reply: Message) -> tuple[int | None, str | None]:
+        """(client id of the reply's node, why its claim is refused or None).
+
+        A node's client id is fixed once: by `client_of_node` (the partitions nodes reported at discovery) or by
+        its first reply's claim; a reply claiming another partition (or one already bound to another node) is an
+        impersonation. Replies without a claim are numbered in order of arrival.
+        """
         node = reply.metadata.src_node_id
-        if node not in self._client_ids:
-            self._client_ids[node] = len(self._client_ids)
-        return self._client_ids[node]
+        record = reply.content.config_records.get(CLIENT_KEY) if reply.has_content() else None
+        claim = record.get("partition-id") if record is not None else None
+        known = self._client_ids.get(node)
+        if claim is not None and (not isinstance(claim, int) or isinstance(claim, bool)):
+            return known, f"malformed partition-id {claim!r}"
+        if known is not None:
+            if claim is not None and claim != known:
+                return known, f"node {node} holds partition {known}, its reply claims partition {claim}"
+            return known, None
+        if claim is not None:
+            if claim in self._client_ids.values():
+                return None, f"node {node} claims partition {claim}, which another node holds"
+            self._client_ids[node] = claim
+            return claim, None
+        taken = set(self._client_ids.values())
+        self._client_ids[node] = next(i for i in range(len(taken) + 1) if i not in taken)
+        return self._client_ids[node], None
+
+    def _client_of(self, reply: Message) -> int:
+        return self._identify(reply)[0]
 
     def _known_client(self, node: int) -> int | None:
         return self._client_ids.get(node)
@@ -647,18 +764,22 @@ def named_state(arrays: Mapping[str, Tensor], model: nn.Module, *, fill: bool = 
                      f"state_dict ({len(reference)} entries): check model_fn builds the app's model")
 
 
-def _pop_audit(reply: Message) -> tuple[GroundTruth | None, str | None, int | None]:
-    """Strip the audit record: (ground truth, why there is none, the client's partition id), each when known."""
+def _pop_audit(reply: Message) -> tuple[GroundTruth | None, str | None, int | None, bool]:
+    """Strip the audit record (from every reply: it never reaches aggregation): (ground truth, why there is none,
+    the client's partition id, whether the record is malformed), each when known. A capture failure the client
+    reports is not malformed (the reply aggregates, unscored); a record that does not read is (the reply is out)."""
     record = reply.content.pop(AUDIT_KEY, None) if reply.has_content() else None
     if record is None:
-        return None, None, None
-    partition = int(record["partition-id"]) if "partition-id" in record else None
+        return None, None, None, False
+    partition = record["partition-id"] if isinstance(record.get("partition-id"), int) else None
     try:
-        return read_audit(record), None, partition
+        return read_audit(record), None, partition, False
     except AuditFailed as err:
-        return None, str(err), partition
-    except Exception as err:  # a malformed record: the reply still aggregates, unscored
-        return None, f"unreadable audit record ({type(err).__name__}: {err})", partition
+        return None, str(err), partition, False
+    except Exception as err:  # noqa: BLE001 - anything a hostile record makes the reader raise
+        rejection = check_audit(record)
+        detail = rejection.detail if rejection is not None else f"malformed audit record ({type(err).__name__}: {err})"
+        return None, detail, partition, True
 
 
 def build_attacks(specs: Sequence[Attack | str | Mapping[str, Any]]) -> list[Attack]:
@@ -705,28 +826,24 @@ def _targeted(client: int, targets: Any) -> bool:
     return client in set(targets)
 
 
-def _check_arrays(reply: Message, key: str, global_state: Mapping[str, Tensor] | None,
-                  optional: frozenset[str] = frozenset()) -> tuple[str, str] | None:
-    """('nan' | 'shape', detail) when the reply's arrays are unusable, else None. Names in `optional` (buffers a
-    client may keep to itself) may be missing."""
-    arrays = reply.content.array_records.get(key)
-    if arrays is None:
-        return "shape", f"no ArrayRecord '{key}' in the reply"
-    for name, array in arrays.items():
-        nd = to_numpy(array)
-        if global_state is not None:
-            expected = global_state.get(name)
-            if expected is None:
-                return "shape", f"unexpected array '{name}'"
-            if tuple(nd.shape) != tuple(expected.shape):
-                return "shape", f"'{name}' has shape {tuple(nd.shape)}, expected {tuple(expected.shape)}"
-        if np.issubdtype(nd.dtype, np.floating) and not np.isfinite(nd).all():
-            return "nan", f"'{name}' holds {int((~np.isfinite(nd)).sum())} non-finite values"
-    if global_state is not None and len(arrays) != len(global_state):
-        missing = sorted(set(global_state) - set(arrays.keys()) - optional)
-        if missing:
-            return "shape", f"missing arrays {missing[:3]}"
+def _check_global(arrays: ArrayRecord) -> str | None:
+    """Why a new global model cannot be used (an array that does not decode or is not finite), else None."""
+    decoded = decode(arrays)
+    if not isinstance(decoded, dict):
+        return f"the new global model: {decoded.detail}"
+    for name, nd in decoded.items():
+        if nd.dtype.kind in "fc" and not np.isfinite(nd).all():
+            return f"the new global model's '{name}' holds {int((~np.isfinite(nd)).sum())} non-finite values"
     return None
+
+
+def _model_norm(state: Mapping[str, Tensor]) -> float:
+    """L2 norm of a model's floating-point arrays, in float64."""
+    return math.sqrt(sum(float(v.double().pow(2).sum()) for v in state.values() if v.is_floating_point()))
+
+
+def _int_or_none(value: Any) -> int | None:
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def _infer_classes(model: nn.Module) -> int:

@@ -7,6 +7,10 @@
     grids/*.png      originals above reconstructions, for the first clients of the first and last round
                      (reconstructions alone when the run has no ground truth, as in deployment)
     reconstructions/*.pt   the same reconstructions as tensors: {"inputs": (b, *shape) model space, "labels"}
+    .fedsim.lock     held (flock) by the process running the run: a second run into the directory refuses
+
+One run, one directory: a run locks its directory for as long as it runs, and a new run into a directory that
+holds an old one replaces everything of it (`clear_run_dir`), so no directory mixes two runs.
 
 Every line is flushed when written (a crashed process loses nothing written) and synced to disk at most once a
 second while the run goes, and at its end; status.json is replaced atomically after every round.
@@ -14,6 +18,7 @@ second while the run goes, and at its end; status.json is replaced atomically af
 
 from __future__ import annotations
 
+import fcntl
 import json
 from collections import defaultdict
 import math
@@ -31,6 +36,55 @@ SYNC_SECONDS = 1.0  # while a run goes, lines are synced to disk at most this of
 
 STATUS_FILE, RESULTS_FILE, ROUNDS_FILE, CONFIG_FILE, GRID_DIR, RECONSTRUCTION_DIR = (
     "status.json", "results.jsonl", "rounds.jsonl", "config.yaml", "grids", "reconstructions")
+LOCK_FILE = ".fedsim.lock"
+# Everything a run (and Hydra, and the trackers) writes into its directory: what a new run replaces.
+RUN_OUTPUTS = (STATUS_FILE, STATUS_FILE + ".tmp", RESULTS_FILE, ROUNDS_FILE, CONFIG_FILE, GRID_DIR,
+               RECONSTRUCTION_DIR, ".hydra", "tensorboard", ".write-test")
+
+_held: dict[Path, int] = {}  # run directories this process has locked -> the lock file's descriptor
+
+
+def lock_run_dir(directory: str | os.PathLike) -> None:
+    """Lock `directory` for this process (created if needed) until `unlock_run_dir` or the process ends.
+
+    Raises RunDirInUse, naming the holder's pid, when another process holds it. Never writes anything into a
+    directory it cannot lock."""
+    from fedsim.errors import RunDirInUse
+
+    path = Path(directory).absolute()
+    if path in _held:
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise RunDirInUse(f"{path} is in use by another fedsim run (pid {holder}): wait for it to end or choose "
+                          "another directory") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _held[path] = fd
+
+
+def unlock_run_dir(directory: str | os.PathLike) -> None:
+    fd = _held.pop(Path(directory).absolute(), None)
+    if fd is not None:
+        os.close(fd)  # releases the flock; the file stays (removing it would race with a waiting locker)
+
+
+def clear_run_dir(directory: str | os.PathLike) -> None:
+    """Remove every output of an earlier run from `directory` (which this process has locked); other files stay."""
+    path = Path(directory)
+    if not path.is_dir():
+        return
+    for entry in path.iterdir():
+        if entry.name in RUN_OUTPUTS or (entry.suffix == ".log" and entry.is_file()):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
 
 
 def clean(value: Any) -> Any:
@@ -68,7 +122,8 @@ class ResultsWriter:
             raise ConfigError("hydra.run.dir", str(self.dir), f"a writable directory ({err.strerror})") from None
         for name in (RESULTS_FILE, ROUNDS_FILE):
             (self.dir / name).unlink(missing_ok=True)
-        shutil.rmtree(self.dir / GRID_DIR, ignore_errors=True)  # a re-run job keeps no grid of its last try
+        for name in (GRID_DIR, RECONSTRUCTION_DIR):  # a re-run job keeps nothing of its last try
+            shutil.rmtree(self.dir / name, ignore_errors=True)
         (self.dir / CONFIG_FILE).write_text(config_yaml)
         self._status = {"state": "running", "rounds_done": 0, "rounds_total": rounds_total,
                         "started_at": time.time(), "pid": os.getpid(), "host": socket.gethostname()}

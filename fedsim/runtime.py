@@ -14,6 +14,7 @@ import copy
 import logging
 import os
 import random
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -33,7 +34,9 @@ from fedsim.registry import Registry
 
 log = logging.getLogger("fedsim")
 
-INLINE_ACTIVE = False  # True while an in-process (inline) federation runs: it is a simulation
+INLINE_ACTIVE = False  # True while an in-process (inline) federation runs a client: it is a simulation
+_active_calls = 0
+_active_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -61,13 +64,64 @@ def runtime_config(node: Any) -> tuple[str, Any]:
     return name, build_config(spec.Config, values, "runtime", ignore=("name",))
 
 
-def launch(run_config: dict, runtime_node: Any, *, clients: int) -> None:
-    """Run fedsim's ServerApp and ClientApp on the configured runtime with `run_config` as the app's run config."""
+# --- what each simulated SuperNode holds of its own ---------------------------------------------------------------
+
+KEY_SEED = "fedsim-key-seed"  # node config: seed of this node's private key-lock key (never sent by the server)
+
+
+@dataclass(frozen=True)
+class NodesConfig:
+    """What the simulated SuperNodes hold of their own (`nodes.*`). The server never sends it: it is not in the
+    configuration clients receive, as a real SuperNode's `--node-config` is not."""
+
+    key_seed: int | None = knob(0, ge=0, help="seed of the nodes' private key-lock keys (each node mixes in its "
+                                              "partition id; reproducible runs); null: each node draws its own "
+                                              "from OS randomness")
+
+
+def nodes_config(node: Any) -> NodesConfig:
+    return build_config(NodesConfig, _plain(node) or {}, "nodes")
+
+
+def node_configs(cfg: NodesConfig, clients: int) -> dict[int, dict]:
+    """partition id -> what that simulated node adds to its node config."""
+    if cfg.key_seed is None:
+        return {pid: {} for pid in range(clients)}
+    return {pid: {KEY_SEED: cfg.key_seed} for pid in range(clients)}  # a client mixes in its partition id
+
+
+def launch(run_config: dict, runtime_node: Any, *, clients: int, nodes: NodesConfig = NodesConfig()) -> None:
+    """Run fedsim's ServerApp and ClientApp on the configured runtime with `run_config` as the app's run config;
+    simulated node i gets `node_configs(nodes, clients)[i]` in its node config."""
     from fedsim.client_app import app as client_app
     from fedsim.server_app import app as server_app
 
     name, config = runtime_config(runtime_node)
-    RUNTIMES.get(name).launch(config, server_app, client_app, run_config, clients)
+    spec = RUNTIMES.get(name)
+    if spec.simulated:
+        client_app = with_node_config(client_app, node_configs(nodes, clients))
+    spec.launch(config, server_app, client_app, run_config, clients)
+
+
+def with_node_config(client_app: ClientApp, extra: dict[int, dict]) -> ClientApp:
+    """`client_app` on nodes whose node config also holds `extra[partition id]` (what a SuperNode's operator would
+    pass with --node-config): the simulation runtimes have no other way to give a virtual node its own values."""
+    if not any(extra.values()):
+        return client_app
+
+    def node_config_mod(msg: Message, context: Context, call_next) -> Message:
+        context.node_config.update(extra.get(int(context.node_config.get("partition-id", -1)), {}))
+        return call_next(msg, context)
+
+    wrapper = ClientApp(mods=[node_config_mod])
+
+    def delegate(msg: Message, context: Context) -> Message:
+        return client_app(msg, context)
+
+    wrapper.train()(delegate)
+    wrapper.evaluate()(delegate)
+    wrapper.query()(delegate)
+    return wrapper
 
 
 def quiet_flower(verbose: bool) -> None:
@@ -93,6 +147,10 @@ class InlineGrid(Grid):
     Instructions are deep-copied (strategies send one RecordDict to every node), exceptions become error replies
     as on Flower's engines, and every node keeps its own Context across rounds. Relies on two Flower internals
     that `run_simulation` also uses: the private message id and the process-wide TaskIdentity.
+
+    Clients run one after another, each on a worker thread: with a `timeout`, a client that has not replied
+    within `timeout` seconds of its own start is left behind (its reply never arrives, as on a real grid) and
+    the next one starts. So a round with k late clients lasts its clients' training plus k x timeout.
     """
 
     def __init__(self, client_app: ClientApp, num_nodes: int, run_config: dict | None = None,
@@ -125,12 +183,14 @@ class InlineGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         return list(self.contexts)
 
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+    def push_messages(self, messages: Iterable[Message], timeout: float | None = None) -> Iterable[str]:
         ids = []
         for msg in messages:
             msg_id = str(uuid4())
             msg.metadata.__dict__["_message_id"] = msg_id
-            self._replies[msg_id] = self._deliver(msg)
+            reply = self._deliver_within(msg, timeout)
+            if reply is not None:
+                self._replies[msg_id] = reply
             ids.append(msg_id)
         return ids
 
@@ -138,7 +198,18 @@ class InlineGrid(Grid):
         return [self._replies.pop(i) for i in message_ids if i in self._replies]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        return self.pull_messages(self.push_messages(messages))
+        return self.pull_messages(self.push_messages(messages, timeout))
+
+    def _deliver_within(self, msg: Message, timeout: float | None) -> Message | None:
+        """The node's reply, or None when it takes longer than `timeout` (its thread is left to finish alone)."""
+        if timeout is None:
+            return self._deliver(msg)
+        box: list[Message] = []
+        worker = threading.Thread(target=lambda: box.append(self._deliver(msg)), daemon=True,
+                                  name=f"fedsim-client-{msg.metadata.dst_node_id}")
+        worker.start()
+        worker.join(timeout)
+        return box[0] if box else None
 
     def _deliver(self, msg: Message) -> Message:
         instruction = copy.deepcopy(msg)
@@ -146,8 +217,7 @@ class InlineGrid(Grid):
         if context is None:
             reply = Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="unknown node"), reply_to=instruction)
         else:
-            global INLINE_ACTIVE
-            INLINE_ACTIVE = True
+            _enter_client()
             try:
                 reply = self.client_app(instruction, context)
             except Exception as err:  # a client's exception is its reply, as on Flower's engines
@@ -155,9 +225,23 @@ class InlineGrid(Grid):
                 reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
                                 reply_to=instruction)
             finally:
-                INLINE_ACTIVE = False
+                _leave_client()
         reply.metadata.__dict__["_message_id"] = str(uuid4())
         return reply
+
+
+def _enter_client() -> None:
+    global INLINE_ACTIVE, _active_calls
+    with _active_lock:
+        _active_calls += 1
+        INLINE_ACTIVE = True
+
+
+def _leave_client() -> None:  # a client left behind by a timeout may finish while another runs
+    global INLINE_ACTIVE, _active_calls
+    with _active_lock:
+        _active_calls -= 1
+        INLINE_ACTIVE = _active_calls > 0
 
 
 @register_runtime("inline", InlineConfig)
@@ -174,6 +258,10 @@ def launch_inline(config: InlineConfig, server_app: ServerApp, client_app: Clien
 
 # --- ray: Flower's simulation engine -------------------------------------------------------------------------------
 
+LOOPBACK = "127.0.0.1"
+_RAY_CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's single-machine mode, everything on loopback
+
+
 @dataclass(frozen=True)
 class RayConfig:
     client_cpus: float = knob(1.0, gt=0.0, help="CPUs reserved per client actor (actors = cpus / client_cpus)")
@@ -182,6 +270,8 @@ class RayConfig:
     object_store_mb: int = knob(256, ge=80, help="Ray object store size in MiB (Ray's minimum is 75)")
     log_level: str = knob("ERROR", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="Ray's own log level")
     pull_interval: float = knob(0.01, gt=0.0, help="seconds between the server's polls for replies (Flower: 0.1)")
+    node_ip: str = knob(LOOPBACK, help="address Ray's processes (GCS, raylet, workers) listen on: 127.0.0.1 keeps "
+                                       "them off the network; this machine's LAN address opens them to it")
 
 
 @register_runtime("ray", RayConfig)
@@ -191,8 +281,15 @@ def launch_ray(config: RayConfig, server_app: ServerApp, client_app: ClientApp, 
         logging.getLogger("alembic").setLevel(logging.WARNING)  # import), no deprecation notice
         logging.getLogger("flwr").addFilter(_NotDeprecatedRunSimulation())
 
+    if config.node_ip == LOOPBACK:
+        # Ray binds its gRPC servers to all interfaces unless its node address is loopback, and turns a given
+        # 127.0.0.1 into the LAN address unless it runs in single-machine mode (the default on macOS/Windows).
+        os.environ.setdefault(_RAY_CLUSTER_ENV, "0")
     from flwr.simulation import run_simulation
 
+    if config.node_ip == LOOPBACK and _ray_cluster_mode():
+        log.warning("ray was imported before runtime=ray set %s=0: its processes listen on all interfaces "
+                    "(set the variable before starting Python to keep them on loopback)", _RAY_CLUSTER_ENV)
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     cpus = config.cpus or os.cpu_count() or 1
@@ -203,6 +300,7 @@ def launch_ray(config: RayConfig, server_app: ServerApp, client_app: ClientApp, 
     backend_config = {
         "client_resources": {"num_cpus": config.client_cpus, "num_gpus": config.client_gpus},
         "init_args": {"num_cpus": cpus, "logging_level": config.log_level, "log_to_driver": False,
+                      **({} if config.node_ip == LOOPBACK else {"_node_ip_address": config.node_ip}),
                       "include_dashboard": False, "object_store_memory": config.object_store_mb * 2**20},
     }
     started = time.perf_counter()
@@ -210,6 +308,12 @@ def launch_ray(config: RayConfig, server_app: ServerApp, client_app: ClientApp, 
                    client_app=client_app,
                    num_supernodes=clients, backend_config=backend_config)
     log.debug("ray simulation finished in %.1f s", time.perf_counter() - started)
+
+
+def _ray_cluster_mode() -> bool:
+    from ray._private import ray_constants
+
+    return bool(ray_constants.ENABLE_RAY_CLUSTER)
 
 
 class _NotDeprecatedRunSimulation(logging.Filter):

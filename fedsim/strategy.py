@@ -21,9 +21,7 @@ from fedsim.hook import CLIENT_KEY
 
 
 def partition_of_reply(reply: Message, partition_of: Mapping[int, int]) -> int:
-    record = reply.content.config_records.get(CLIENT_KEY) if reply.has_content() else None
-    if record is not None and "partition-id" in record:
-        return int(record["partition-id"])
+    """The partition of the node the reply came from (fixed at discovery; never what the reply claims)."""
     return partition_of.get(reply.metadata.src_node_id, 1 << 62)
 
 
@@ -33,28 +31,35 @@ def weighted_mean(contents: list[RecordDict], weight_key: str) -> ArrayRecord:
     weights = [next(iter(c.metric_records.values()))[weight_key] for c in contents]
     total = sum(weights)
     mean: dict[str, np.ndarray] = {}
+    dtypes: dict[str, np.dtype] = {}
     for content, weight in zip(contents, weights):
         factor = weight / total
         for record in content.array_records.values():
             for name, array in record.items():
                 if name not in mean:
-                    mean[name] = to_numpy(array) * factor
+                    values = to_numpy(array)
+                    dtypes[name] = values.dtype
+                    mean[name] = values * factor
                 else:
                     mean[name] += to_numpy(array) * factor
-    return ArrayRecord({name: Array(np.asarray(value)) for name, value in mean.items()})
+    # integer buffers (BatchNorm's num_batches_tracked) stay integers: the model's dtype, not float64
+    return ArrayRecord({name: Array(np.asarray(value) if dtypes[name].kind in "fc"
+                                    else np.asarray(np.rint(value)).astype(dtypes[name]))
+                        for name, value in mean.items()})
 
 
 class FedsimStrategy(FedAvg):
     """FedAvg (weights) or FedSGD (gradients) over clients sampled reproducibly by partition id."""
 
     def __init__(self, *, partition_of: Mapping[int, int], mode: str, lr: float, seed: int,
-                 clients_per_round: int | None = None) -> None:
+                 clients_per_round: int | None = None, buffers: Iterable[str] | None = None) -> None:
         super().__init__(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=1, min_evaluate_nodes=0,
                          min_available_nodes=1)
         self.partition_of = dict(partition_of)           # node id -> partition id
         self.node_of = {p: n for n, p in self.partition_of.items()}
         self.mode, self.lr, self.seed = mode, lr, seed
         self.clients_per_round = clients_per_round
+        self.buffers = set(buffers) if buffers is not None else None  # the model's buffers, as the server knows them
         self._global: dict[int, dict[str, torch.Tensor]] = {}
         self.rounds_taken: dict[int, int] = {}          # partition id -> rounds it was asked to train in
 
@@ -110,11 +115,11 @@ class FedsimStrategy(FedAvg):
         weights = [float(next(iter(r.content.metric_records.values()))[self.weighted_by_key]) for r in replies]
         total = sum(weights)
         states = [to_state_dict(r.content[self.arrayrecord_key]) for r in replies]
-        buffers = set()
-        for r in replies:
+        buffers = set() if self.buffers is None else self.buffers
+        for r in replies if self.buffers is None else ():  # else only the server's own list, never a claim
             info = r.content.config_records.get(CLIENT_KEY)
             if info is not None and "buffers" in info:
-                buffers.update(info["buffers"])
+                buffers.update(str(b) for b in info["buffers"])
         new_state = {}
         for name, value in global_state.items():
             if any(name not in s for s in states):  # a buffer the clients keep (fl.send_buffers=false)

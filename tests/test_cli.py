@@ -76,3 +76,66 @@ def test_each_bad_input_exits_2_with_one_line_before_any_work(tmp_path, args, ex
     line = _one_line_error(fedsim(*args, cwd=tmp_path))
     assert expected in line
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["seed=-1"], "fedsim: seed=-1 is invalid: expected a number >= 0"),
+    (["fl.clientz=3"], "fedsim: fl.clientz=3 is invalid: expected a known key of fl ("),
+    (["-m", "seed=0,1", "hydra.sweep.dir=/proc/y"], "fedsim: hydra.sweep.dir='/proc/y' is invalid: expected a writable"),
+])
+def test_hostile_values_exit_2_with_one_line(tmp_path, args, expected):
+    line = _one_line_error(fedsim(*args, f"hydra.run.dir={tmp_path / 'out'}", cwd=tmp_path))
+    assert line.startswith(expected)
+    assert not (tmp_path / "out").exists()
+
+
+def _hashes(directory: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_a_second_run_into_a_running_runs_directory_refuses_and_changes_nothing(tmp_path):
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "fedsim.cli", "attack=analytic", "fl.batch_size=1", "data=digits",
+                              "model.widths=[16]", f"hydra.run.dir={out}"], cwd=tmp_path,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (out / "status.json").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        first.send_signal(signal.SIGSTOP)   # the first run holds its directory, and writes nothing meanwhile
+        before = _hashes(out)
+        assert "status.json" in before and ".hydra/overrides.yaml" in before
+        line = _one_line_error(fedsim("attack=analytic", "fl.rounds=1", f"hydra.run.dir={out}", cwd=tmp_path))
+        assert f"pid {first.pid}" in line and str(out) in line
+        assert _hashes(out) == before
+    finally:
+        first.send_signal(signal.SIGCONT)
+        assert first.wait(timeout=300) == 0
+    finished = _hashes(out)
+    assert json.loads((out / "status.json").read_text())["state"] == "complete"
+    # a command refused at validation leaves a finished run as it was (its .hydra/overrides.yaml included)
+    line = _one_line_error(fedsim("fl.lr=-1", f"hydra.run.dir={out}", cwd=tmp_path))
+    assert "fl.lr=-1" in line
+    assert _hashes(out) == finished
+    assert os.path.exists(out / "reconstructions")
+
+
+def test_a_rerun_into_a_used_directory_replaces_everything_of_the_old_run(tmp_path):
+    from tests.conftest import fedsim_run
+
+    args = ("attack=analytic", "fl.batch_size=1", "data=digits", "model.widths=[8]", "fl.clients=2", "fl.rounds=1")
+    old = fedsim_run(tmp_path, *args)
+    assert list((old.directory / "reconstructions").iterdir()) and list((old.directory / "grids").iterdir())
+    (old.directory / "cli.log").write_text("the old run's log")
+    (old.directory / "notes.txt").write_text("not fedsim's: stays")
+    new = fedsim_run(tmp_path, *args, "output.grid_clients=0", "seed=1")
+    assert not (new.directory / "reconstructions").exists() and not (new.directory / "grids").exists()
+    assert not (new.directory / "cli.log").exists() and (new.directory / "notes.txt").exists()
+    assert {r["seed"] for r in new.results} == {1}

@@ -78,8 +78,8 @@ def test_keylock_mod_restores_the_private_layers_on_download_and_strips_them_fro
     config_yaml = yaml.safe_dump(OmegaConf.to_container(raw, resolve=True))
     defense = _defense(key_dim=32)
     server = defense.build_model(build_model({"name": "fc", "widths": [16]}, (64,), 10, 0), private=False)
-    context = Context(run_id=1, node_id=7, node_config={"partition-id": 2, "num-partitions": 4}, state=RecordDict(),
-                      run_config={})
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 2, "num-partitions": 4,
+                                                        "fedsim-key-seed": 5}, state=RecordDict(), run_config={})
     seen = []
 
     buffer_names = ("running_mean", "running_var", "num_batches_tracked", ".key")
@@ -99,8 +99,8 @@ def test_keylock_mod_restores_the_private_layers_on_download_and_strips_them_fro
         sent = reply.content["arrays"].to_torch_state_dict()
         assert set(sent) == set(global_state) and not any(is_private(k) for k in sent)
         assert not any(is_private(b) for b in reply.content[CLIENT_KEY]["buffers"])
-    # download 1: the client's own initial layers (from its private seed); download 2: after its own SGD step
-    initial = defense.private_state(_fc(defense, True, widths=(16,)), seed=0, client=2)
+    # download 1: the client's own initial layers (from its node's seed); download 2: after its own SGD step
+    initial = defense.private_state(_fc(defense, True, widths=(16,)), seed=5, client=2)
     assert all(torch.equal(seen[0][k], initial[k]) for k in initial)
     assert torch.allclose(seen[1]["net.1.lock.scale_fc.weight"], initial["net.1.lock.scale_fc.weight"] - 0.5)
     assert torch.equal(seen[1]["net.1.lock.key"], initial["net.1.lock.key"])      # the key itself is fixed
@@ -339,3 +339,44 @@ def test_running_statistics_move_in_a_clients_model_and_stay_put_in_the_servers(
         server(x)
     assert client.net[1].norm.running_mean.abs().max() > 0       # updated from the batch after normalising with it
     assert torch.equal(server.net[1].norm.running_mean, torch.zeros(32))  # an attacker's copy matches what was sent
+
+
+def _first_key(node_config: dict, *overrides: str, attacker: str = "no_key"):
+    """The key a client's first train message gives it, and whether its reply carries a grant (called directly,
+    as a SuperNode's process calls its ClientApp: not a simulation)."""
+    import yaml
+    from flwr.supercore.task_identity import TaskIdentity
+    from omegaconf import OmegaConf
+
+    from fedsim.api import compose
+    from fedsim.hook import CLIENT_KEY, GRANT_KEY
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    raw = compose(["defense=keylock", "defense.key_dim=8", "data=digits", "model.widths=[4]",
+                   f"defense.attacker={attacker}", *overrides])
+    config_yaml = yaml.safe_dump(OmegaConf.to_container(raw, resolve=True))
+    server = _defense(key_dim=8).build_model(build_model({"name": "fc", "widths": [4]}, (64,), 10, 0), private=False)
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 1, "num-partitions": 4, **node_config},
+                      state=RecordDict(), run_config={})
+    seen = []
+
+    def handler(msg, ctx):
+        arrays = msg.content["arrays"].to_torch_state_dict()
+        seen.append(arrays["net.1.lock.key"])
+        return Message(RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord({"num-examples": 1}),
+                                   CLIENT_KEY: ConfigRecord({"partition-id": 1, "buffers": []})}), reply_to=msg)
+
+    reply = keylock_mod(_train_message(server.state_dict(), config_yaml, 1), context, handler)
+    return seen[0], GRANT_KEY in reply.content
+
+
+def test_a_clients_key_comes_from_its_node_never_from_the_config_the_server_sends():
+    key, _ = _first_key({"fedsim-key-seed": 11})
+    assert torch.equal(_first_key({"fedsim-key-seed": 11}, "seed=3", "defense.key_seed=9")[0], key)
+    assert not torch.equal(_first_key({"fedsim-key-seed": 12})[0], key)
+    assert not torch.equal(_first_key({})[0], _first_key({})[0])     # no node seed: the node's own randomness
+
+
+def test_the_known_key_grant_is_sent_only_in_a_simulation_or_with_the_nodes_consent():
+    assert _first_key({}, attacker="known_key")[1] is False           # a server's request alone: nothing
+    assert _first_key({"fedsim-audit": "true"}, attacker="known_key")[1] is True

@@ -191,5 +191,9 @@ def test_resnet18_batchnorm_statistics_are_clipped_and_noised_with_the_update(tm
         variances = torch.cat([v.flatten() - 1.0 for k, v in buffers.items() if k.endswith("running_var")])
         assert len(means) > 1000
         # global: mean 0, var 1; the clean move is 0.1 x the batch statistic, small beside noise of std 1
-        assert float(means.std()) == pytest.approx(1.0, rel=0.1) and float(variances.std()) == pytest.approx(1.0, rel=0.1)
+        assert float(means.std()) == pytest.approx(1.0, rel=0.1)
+        # variances: noise of std 1 around 1, clamped at 0 afterwards (post-processing): the upper half is untouched,
+        # its mean excess is that of a half-normal of std 1, sqrt(2 / pi)
+        assert float(variances.min()) >= -1.0
+        assert float(variances[variances > 0].mean()) == pytest.approx((2 / math.pi) ** 0.5, rel=0.1)
         assert all(int(v) == 1 for k, v in buffers.items() if k.endswith("num_batches_tracked"))
