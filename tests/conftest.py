@@ -6,6 +6,9 @@ import torch
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+# Ray reads this when it is imported: single-machine mode keeps every Ray process on loopback (fedsim.runtime sets
+# it too, but a test that imports Ray first, e.g. through Flower's run_simulation, would otherwise fix it open).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 @pytest.fixture(autouse=True)
