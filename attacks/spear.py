@@ -487,6 +487,7 @@ class Problem:
     WR_after: Tensor | None = None
     bias_after: Tensor | None = None
     sampling_tol: float = 0.0
+    row_rms: float = 1.0
     move_norm: Tensor | None = None
     move_bias: Tensor | None = None
 
@@ -869,7 +870,7 @@ def direction_noise(problem: Problem, directions: Tensor) -> Tensor:
     """Standard deviation of the noise on <l_j, q> for each unit direction q (c, b): noise_std * ||S_b^-1 q||,
     never below the dtype floor of the zero test (see `zero_tolerance`). Returns (c,), absolute (raw rows of L)."""
     S = problem.singular_values
-    floor = problem.floor * float(problem.row_norm[problem.row_norm > 0].pow(2).mean().sqrt())
+    floor = problem.floor * problem.row_rms
     return (problem.noise_std * (directions / S[None, :]).norm(dim=1)).clamp_min(floor / _ZERO_SIGMAS)
 
 
@@ -904,14 +905,6 @@ def noisy_zero_mask(problem: Problem, L: Tensor, directions: Tensor) -> Tensor:
     return (L @ directions.T).abs() <= _ZERO_SIGMAS * direction_noise(problem, directions)[None, :]
 
 
-def weighted_refine(L: Tensor, directions: Tensor, mask: Tensor) -> Tensor:
-    """Least-squares kernel of each direction's zero rows, raw rows (the noise on <l_j, q> does not depend on j)."""
-    gram = torch.einsum("jc,ja,jb->cab", mask.to(_F64), L, L)
-    _, vecs = torch.linalg.eigh(gram)
-    q = vecs[:, :, 0]
-    return q * torch.where((q * directions).sum(1) < 0, -1.0, 1.0)[:, None]
-
-
 @dataclass
 class DictionarySearch:
     """Candidates as sparse directions of span(L) found by IRLS from random starts (see `sparse_directions`).
@@ -938,7 +931,7 @@ class DictionarySearch:
         self.samples += starts
         self.proposals += starts
         for _ in range(2):
-            q = weighted_refine(self.L, q, noisy_zero_mask(self.problem, self.L, q))
+            q = refine(self.L, q, noisy_zero_mask(self.problem, self.L, q))  # raw rows: equal noise on each
         zeros = noisy_zero_mask(self.problem, self.L, q)
         counts = zeros.sum(0)
         keep = counts >= self.min_zeros
@@ -946,14 +939,10 @@ class DictionarySearch:
         # One representative per direction: the same column reached from many starts differs by noise only.
         order = torch.argsort(counts, descending=True, stable=True)
         q, zeros, counts = q[order], zeros[:, order], counts[order]
-        same = _same_direction(q, zeros)
-        first = ~torch.tril(same, diagonal=-1).any(dim=1)
+        first = ~torch.tril(_same_zeros(zeros, zeros), diagonal=-1).any(dim=1)
         q, zeros, counts = q[first], zeros[:, first], counts[first]
-        known = self.cands.masks[self.pool] if len(self.cands) else None
-        if known is not None and q.shape[0]:
-            inter = zeros.to(_F64).T @ known.to(_F64)
-            union = zeros.sum(0)[:, None] + known.sum(0)[None, :] - inter
-            fresh = ~((inter / union.clamp_min(1)) > 0.9).any(dim=1)
+        if len(self.cands) and q.shape[0]:
+            fresh = ~_same_zeros(zeros, self.cands.masks[self.pool]).any(dim=1)
             q, zeros, counts = q[fresh], zeros[:, fresh], counts[fresh]
         if q.shape[0]:
             masks = torch.ones(self.m, q.shape[0], dtype=torch.bool)
@@ -961,12 +950,10 @@ class DictionarySearch:
             self.cands.add(q, counts, masks)
 
 
-def _same_direction(q: Tensor, zeros: Tensor) -> Tensor:
-    """(c, c) bool: directions whose zero sets agree on more than 90% of their union (the same column)."""
-    z = zeros.to(_F64)
-    inter = z.T @ z
-    sizes = z.sum(0)
-    union = sizes[:, None] + sizes[None, :] - inter
+def _same_zeros(a: Tensor, b: Tensor) -> Tensor:
+    """(c, k) bool: zero sets a (m', c) and b (m', k) that agree on more than 90% of their union (one column)."""
+    inter = a.to(_F64).T @ b.to(_F64)
+    union = a.sum(0)[:, None] + b.sum(0)[None, :] - inter
     return (inter / union.clamp_min(1)) > 0.9
 
 
@@ -1265,7 +1252,7 @@ def prepare(weight: Tensor, bias: Tensor | None, grad_weight: Tensor, grad_bias:
     problem = Problem(
         L=L, unit_rows=unit_rows, R=fact.R, WR=W @ fact.R.T, bias=bias64, grad_bias=db, Lt_bias=L.T @ db,
         W_norm=W.norm(dim=1), tol=tol if tol is not None else noise_tol, fit_residual=fit_res,
-        sampling_tol=tol if tol is not None else sampling_tol,
+        sampling_tol=tol if tol is not None else sampling_tol, row_rms=row_rms,
         noise_std=fact.noise_std, singular_values=S_b, row_norm=row_norm, W=W,
         floor=floor,
         WR_after=None if weight_after is None else weight_after.detach().to(_F64) @ fact.R.T,
