@@ -14,7 +14,6 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from fedsim.config import build_config
 from fedsim.errors import AttackNotApplicable
 from fedsim.registry import Registry
 from fedsim.threat import Observation, Reconstruction, TrainMeta
@@ -65,10 +64,5 @@ def _granted(meta: TrainMeta, capability: str) -> Any:
 
 def build_attack(node: Any, prefix: str = "attack") -> Attack:
     """Build the attack named by `node.name` with its knobs validated against its `Config`."""
-    from fedsim.config import _plain
-
-    values = dict(_plain(node) or {})
-    name = values.get("name")
-    cls = ATTACKS.get(name, key=f"{prefix}.name")
-    config = build_config(cls.Config, values, prefix, ignore=HOOK_KEYS)
+    _, cls, config = ATTACKS.build(node, prefix, ignore=HOOK_KEYS)
     return cls(config)

@@ -30,11 +30,10 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from attacks.base import Attack, register_attack
-from attacks.labels import (LABEL_METHODS, find_last_linear, last_layer_gradient, recover_labels,
-                           samples_in_update)
+from attacks.labels import LABEL_METHODS, find_last_linear, last_layer_gradient, recover_labels, samples_in_update
 from attacks.matching import cosine_distance, cross_entropy, euclidean_distance, total_variation
-from fedsim.config import knob
 from fedsim.errors import AttackNotApplicable, ReconstructionFailed
+from fedsim.schema import knob
 from fedsim.threat import Normalization, Observation, Reconstruction, TrainMeta
 
 Distance = Callable[[Mapping[str, Tensor], Mapping[str, Tensor], Mapping[str, Tensor] | None], Tensor]

@@ -31,8 +31,9 @@ from torch.func import functional_call
 
 from attacks.base import Attack, register_attack
 from attacks.matching import cosine_distance, total_variation
-from fedsim.config import knob
 from fedsim.errors import AttackNotApplicable, ReconstructionFailed
+from fedsim.models.keylock import ATTACKER_KEY, PublicLock, lock_blocks
+from fedsim.schema import knob
 from fedsim.threat import Observation, Reconstruction, TrainMeta
 
 OPTIONS = ("no_key", "known_key", "regress_key", "adaptive")
@@ -65,8 +66,6 @@ class KeyLockInversion(Attack):
             raise AttackNotApplicable("keylock_inversion needs a last Linear layer to recover labels")
 
     def reconstruct(self, obs: Observation) -> Reconstruction:
-        from defenses.keylock import ATTACKER_KEY, PublicLock, lock_blocks
-
         cfg, meta = self.config, obs.meta
         option = str(meta.private.get(ATTACKER_KEY, "no_key"))
         if option not in OPTIONS:

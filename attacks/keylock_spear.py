@@ -38,8 +38,10 @@ from torch import Tensor, nn
 
 from attacks.base import Attack, register_attack
 from attacks.keylock_stats import locked_statistics, mean_input, restore_batch
-from fedsim.config import knob
+from attacks.spear import reconstruct as spear
 from fedsim.errors import AttackNotApplicable, ReconstructionFailed
+from fedsim.models.keylock import KeyLockBlock
+from fedsim.schema import knob
 from fedsim.threat import Observation, Reconstruction, TrainMeta
 
 
@@ -66,10 +68,6 @@ class KeyLockSpear(Attack):
         _locate(model)
 
     def reconstruct(self, obs: Observation) -> Reconstruction:
-        try:
-            from attacks.spear import reconstruct as spear
-        except ImportError as err:  # SPEAR lives on its own branch until it lands on main
-            raise ReconstructionFailed(f"keylock_spear needs attacks.spear: {err}") from None
         net, k = _locate(obs.model)
         block = net[k]
         b = int(obs.meta.batch_size)
@@ -150,8 +148,6 @@ def invert_lock(features: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor) -
 
 def _locate(model: nn.Module) -> tuple[nn.Sequential, int]:
     """fedsim's FC layout with a key-lock block: (the Sequential, index of the block). AttackNotApplicable else."""
-    from defenses.keylock import KeyLockBlock
-
     for module in model.modules():
         if isinstance(module, nn.Sequential):
             for k, layer in enumerate(module):

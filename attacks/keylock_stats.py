@@ -39,8 +39,8 @@ from torch import Tensor, nn
 
 from attacks.base import Attack, register_attack
 from fedsim.errors import AttackNotApplicable, ReconstructionFailed
+from fedsim.models.keylock import lock_blocks
 from fedsim.threat import Observation, Reconstruction, TrainMeta
-
 
 # --- pure functions ------------------------------------------------------------------------------------------------
 
@@ -76,8 +76,6 @@ def restore_batch(centred: Tensor, weight: Tensor, mean: Tensor, channel_var: Te
 def locked_statistics(obs: Observation) -> tuple[nn.Module, Tensor, Tensor] | None:
     """(block, batch mean of h, batch variance of h) of the first key-lock block, from the buffers the client sent
     and those of the global model; None when the client sent none (fl.send_buffers=false)."""
-    from defenses.keylock import lock_blocks
-
     blocks = lock_blocks(obs.model)
     if not blocks:
         return None
@@ -100,8 +98,6 @@ class KeyLockStats(Attack):
 
     def check(self, model: nn.Module, meta: TrainMeta) -> None:
         super().check(model, meta)
-        from defenses.keylock import lock_blocks
-
         blocks = lock_blocks(model)
         if not blocks:
             raise AttackNotApplicable("keylock_stats needs a model locked by defense=keylock")

@@ -24,8 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from attacks.base import Attack, register_attack
-from fedsim.config import knob
 from fedsim.errors import AttackNotApplicable
+from fedsim.schema import knob
 from fedsim.threat import Observation, Reconstruction, TrainMeta
 
 LABEL_METHODS = ("auto", "idlg", "yin", "llg")

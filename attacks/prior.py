@@ -1,6 +1,6 @@
 """The GI-SMN-style attack's generative prior: trained offline, cached with a checksum, loaded by the attack.
 
-The paper uses a pre-trained StyleGAN-XL; fedsim trains a `MiniStyleGen` (`attacks.gismn`) itself, with no download:
+The paper uses a pre-trained StyleGAN-XL; fedsim trains a `MiniStyleGen` (`attacks.generator`) itself, with no download:
 
 * data: random 32x32 crops of an image pyramid of the bundled photographs in `AUXILIARY_PHOTOS` (never the victim
   photographs of `patches`), with flips and an optional colour augmentation, or a torchvision dataset the user
@@ -30,9 +30,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import Tensor, nn
 
-from attacks.gismn import GENERATOR_VERSION, PRIOR_SOURCES, GeneratorConfig, MiniStyleGen, build_generator
+from attacks.generator import GENERATOR_VERSION, PRIOR_SOURCES, GeneratorConfig, MiniStyleGen, build_generator
+from fedsim.data import load_dataset
+from fedsim.data.embedded import AUXILIARY_PHOTOS, PATCH_PHOTOS, load_photo, random_crops
 from fedsim.errors import ConfigError, FedsimError
 
 PRIOR_FORMAT = "fedsim-gismn-prior"
@@ -72,8 +75,6 @@ class PriorConfig:
         values.pop("root")
         values["generator"]["channels"] = list(self.generator.channels)
         if self.source == "auxiliary":
-            from fedsim.data.embedded import AUXILIARY_PHOTOS
-
             values["photos"] = list(AUXILIARY_PHOTOS)
         return {"generator_version": GENERATOR_VERSION, **values}
 
@@ -250,8 +251,6 @@ def training_images(config: PriorConfig, count: int, gen: torch.Generator) -> Te
     """
     size = config.generator.resolution
     if config.source == "auxiliary":
-        from fedsim.data.embedded import AUXILIARY_PHOTOS, PATCH_PHOTOS, random_crops
-
         overlap = set(AUXILIARY_PHOTOS) & set(PATCH_PHOTOS)
         if overlap:  # the prior must never see a victim photograph
             raise ConfigError("AUXILIARY_PHOTOS", sorted(overlap), "photographs disjoint from PATCH_PHOTOS")
@@ -259,7 +258,6 @@ def training_images(config: PriorConfig, count: int, gen: torch.Generator) -> Te
                   for i in range(len(AUXILIARY_PHOTOS))]
         crops = [random_crops(_photo(name), n, size, gen) for name, n in zip(AUXILIARY_PHOTOS, shares) if n > 0]
         return torch.cat(crops)
-    from fedsim.data import load_dataset
 
     node = {"name": config.source} if config.root is None else {"name": config.source, "root": config.root}
     bundle = load_dataset(node)
@@ -276,8 +274,6 @@ def training_images(config: PriorConfig, count: int, gen: torch.Generator) -> Te
 @functools.lru_cache(maxsize=16)
 def _photo(name: str):
     """`load_photo`, decoded once per process (a few are megapixel JPEGs)."""
-    from fedsim.data.embedded import load_photo
-
     return load_photo(name)
 
 
@@ -389,7 +385,6 @@ class _progress:
     def __enter__(self):
         if not self.enabled:
             return lambda loss: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("loss {task.fields[loss]:.1f}"), TimeRemainingColumn(), transient=False)

@@ -71,7 +71,7 @@ import torch
 from torch import Tensor, nn
 
 from attacks.base import Attack, register_attack
-from fedsim.config import knob
+from fedsim.schema import knob
 from fedsim.errors import AttackNotApplicable
 from fedsim.threat import Observation, Reconstruction, TrainMeta
 from fedsim.training import single_thread

@@ -5,37 +5,48 @@ A defense is a class registered with `@register_defense("name")`, with a `Config
 client sends. The client applies it in a Flower mod built from the run's config at call time
 (`fedsim.client_app.defense_mod`).
 
-Defenses that change the model or the protocol override the hooks below instead of (or as well as) `transform`;
-each hook's default leaves things as they are, so the federation calls them unconditionally:
+A defense brings its whole self through its class, so a new one is one module and one YAML file. Defenses that
+change the model or the protocol override the hooks below instead of (or as well as) `transform`; each hook's
+default leaves things as they are, so the federation calls them unconditionally:
 
-    build_model(model, private=...)  the architecture clients train (private=True) and the server holds (key-lock)
+  client side
+    client_mods()                    Flower mods the client app runs for it, each at a declared `position`:
+                                     "protocol" (outermost: how the finished update travels, e.g. SecAgg+) or
+                                     "model" (innermost, next to training: which layers the update holds, e.g.
+                                     key-lock's private layers). The client app composes what the configured
+                                     defenses declare; a stack places a "model" defense first and a "protocol"
+                                     one last.
+    build_model(model, private=True) the architecture clients train
+  server side
+    build_model(model, private=False) the model the server holds (key-lock: shared layers only)
     wrap_grid(grid, run)             the Grid the server talks through (secure aggregation runs its protocol there)
     wrap_strategy(strategy)          the strategy under the curious hook (key-lock asks clients to evaluate)
     observe(obs)                     the attacker's view of one observation under this defense's threat settings
 
 Defenses compose in a declared order with `defense=stack` (`defenses/stack.py`).
+
+Layer: attacks and defenses sit side by side above data and models and below the federation; a defense imports
+the core (schema, registry, wire protocol, seeds), data and models, never an attack or the federation's apps.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor, nn
 
-from fedsim.config import _plain, build_config
 from fedsim.registry import Registry
 
 if TYPE_CHECKING:  # pragma: no cover
     from flwr.serverapp import Grid
     from flwr.serverapp.strategy import Strategy
 
-    from fedsim.config import RunConfig
     from fedsim.threat import Observation
 
-DEFENSES: Registry[type["Defense"]] = Registry("defense", package="defenses")
+DEFENSES: Registry[type["Defense"]] = Registry("defense", package="defenses", default="none")
 register_defense = DEFENSES.register
 
 
@@ -48,6 +59,38 @@ class DefenseContext:
     mode: str                    # "fedsgd" (update = gradient) or "fedavg" (update = weight delta)
     num_examples: int
     generator: torch.Generator   # seeded from (seed, round, client): defenses draw their randomness here
+
+
+POSITIONS = ("protocol", "model")  # where a defense's client mod sits in the client's chain (see ClientMod)
+
+
+class ClientSide(Protocol):
+    """What a defense's client mod is handed about the run on this client (fedsim.client_app.ClientPlan)."""
+
+    run: Any            # the validated run configuration (fedsim.config.RunConfig): seed, fl, data, model, ...
+    defense: "Defense"  # the configured defense (a stack holds its steps)
+
+    def model(self) -> nn.Module:
+        """The model this client trains (with its private parts), built once per process."""
+
+
+@dataclass(frozen=True)
+class ClientMod:
+    """A client mod a defense brings: `mod(msg, context, call_next, client)` is a Flower mod with one more
+    argument, the client's side of the run (`ClientSide`).
+
+    position: "protocol": outermost, around fault injection and the update transform (it sees the finished
+        update: how it travels); "model": innermost, around the train handler (it decides what the model holds
+        and which layers the update carries). Within one position, mods run in the order the defenses are listed
+        (the first outermost).
+    """
+
+    position: str
+    mod: Callable[..., Any]
+
+    def __post_init__(self) -> None:
+        if self.position not in POSITIONS:
+            raise ValueError(f"ClientMod position {self.position!r}: one of {', '.join(POSITIONS)}")
 
 
 @dataclass(frozen=True)
@@ -67,7 +110,7 @@ class Defense:
     def validate(self, prefix: str) -> None:
         """Checks across knobs, at the door: raise ConfigError naming `prefix`.knob. None by default."""
 
-    def check_run(self, run: "RunConfig", prefix: str = "defense") -> None:
+    def check_run(self, run: Any, prefix: str = "defense") -> None:
         """Checks against the rest of the run's configuration (fedsim.config.validate); none by default."""
 
     # -- the update ---------------------------------------------------------------------------------------------
@@ -92,11 +135,15 @@ class Defense:
         return {}
 
     # -- model and protocol hooks (identity by default) ---------------------------------------------------------
+    def client_mods(self) -> list[ClientMod]:
+        """The mods the client app runs for this defense (none by default)."""
+        return []
+
     def build_model(self, model: nn.Module, *, private: bool) -> nn.Module:
         """The model clients train (`private=True`) or the server holds (`private=False`), given the plain one."""
         return model
 
-    def wrap_grid(self, grid: "Grid", run: "RunConfig") -> "Grid":
+    def wrap_grid(self, grid: "Grid", run: Any) -> "Grid":
         """The Grid the server sends its messages through."""
         return grid
 
@@ -119,9 +166,7 @@ class Defense:
 
 def build_defense(node: Any, prefix: str = "defense") -> Defense:
     """Build the defense named by `node.name` with its knobs validated against its `Config`."""
-    values = dict(_plain(node) or {})
-    name = values.get("name", "none")
-    cls = DEFENSES.get(name, key=f"{prefix}.name")
-    defense = cls(build_config(cls.Config, values, prefix, ignore=("name",)))
+    _, cls, config = DEFENSES.build(node, prefix)
+    defense = cls(config)
     defense.validate(prefix)
     return defense

@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 
 from defenses.base import Defense, DefenseContext, register_defense
-from fedsim.config import knob
+from fedsim.schema import knob
 
 MECHANISMS = ("gaussian", "laplace")
 
@@ -94,8 +94,8 @@ def gaussian_epsilon(noise_multiplier: float, sample_rate: float, rounds: int, d
     noise_multiplier: noise std / L2 sensitivity (C under add/remove). sample_rate: probability a client takes part
     in a round (1: no subsampling).
     """
-    import dp_accounting
-    from dp_accounting.rdp import RdpAccountant
+    import dp_accounting  # heavy: dp-accounting loads only when a guarantee is computed
+    from dp_accounting.rdp import RdpAccountant  # heavy: dp-accounting loads only when a guarantee is computed
 
     if rounds <= 0:
         return 0.0

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from defenses.base import Defense, DefenseContext, register_defense
-from fedsim.config import knob
+from fedsim.schema import knob
 
 SCOPES = ("tensor", "global")
 

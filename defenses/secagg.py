@@ -34,15 +34,39 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import yaml
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Context as FlwrContext
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable
+from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.compat.common.recorddict_compat import arrayrecord_to_parameters, parameters_to_arrayrecord
+from flwr.server import ServerConfig
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
-from defenses.base import Defense, register_defense
-from fedsim.config import knob
+from defenses.base import ClientMod, Defense, register_defense
+from fedsim.data import load_dataset
+from fedsim.data.partition import partition
 from fedsim.errors import ConfigError, FedsimError
 from fedsim.grids import WrappedGrid
-from fedsim.hook import AGGREGATE_KEY, AUDIT_KEY, CLIENT_KEY, audit_record, read_audit
+from fedsim.protocol import (
+    AGGREGATE_KEY,
+    AUDIT_KEY,
+    CLIENT_KEY,
+    CONFIG_KEY,
+    ROUND_KEY,
+    audit_record,
+    partition_id,
+    read_audit,
+)
+from fedsim.schema import knob
+from fedsim.seeds import SECAGG_ROUNDING_STREAM, seed_for
 
 log = logging.getLogger("fedsim")
 
@@ -103,6 +127,10 @@ class SecAgg(Defense):
                               f"below modulus_range / clients per round = {cfg.modulus_range // per_round} "
                               "(the masked sum would overflow)")
 
+    def client_mods(self) -> list[ClientMod]:
+        """Outermost on the client: SecAgg+'s own stages, around the train message it turns into a plain one."""
+        return [ClientMod("protocol", lambda msg, context, call_next, client: secagg_mod(msg, context, call_next))]
+
     def wrap_grid(self, grid: Grid, run) -> Grid:
         cfg = self.config
         return SecAggGrid(grid, cfg, max_weight=cfg.max_weight or max_weight(run),
@@ -113,9 +141,6 @@ def max_weight(run) -> float:
     """The largest num-examples a client reports in `run`: its batch in FedSGD, its partition in FedAvg."""
     if run.fl.mode == "fedsgd":
         return float(run.fl.batch_size)
-    from fedsim.data import load_dataset
-    from fedsim.data.partition import partition
-
     bundle = load_dataset(run.data)
     return float(max(len(p) for p in partition(bundle.train_y, run.fl.clients, run.partition, run.seed)))
 
@@ -130,9 +155,6 @@ def quantisation_bound(cfg: SecAggConfig, weights: list[float], max_weight_: flo
 
 def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Flower's `secaggplus_mod` for SecAgg+ protocol messages; every other message passes through untouched."""
-    from flwr.client.mod import secaggplus_mod
-    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
-
     if msg.metadata.message_type != MessageType.TRAIN or RECORD_KEY_CONFIGS not in msg.content.config_records:
         return call_next(msg, context)
     fit_config = msg.content.config_records.get(f"{_FITINS}.config")
@@ -144,20 +166,13 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
 def _rounding_seed(fit_config: ConfigRecord, context: Context) -> int:
     """Flower's SecAgg+ quantiser rounds stochastically with numpy's global generator; seeding it from (run seed,
     round, partition) makes the aggregate, and so the whole run, repeat exactly. The masks use their own secrets."""
-    import yaml
-
-    from fedsim.client_app import CONFIG_KEY, partition_id
-    from fedsim.training import seed_for
-
     run_seed = int(yaml.safe_load(str(fit_config[CONFIG_KEY])).get("seed", 0)) if CONFIG_KEY in fit_config else 0
-    return seed_for(run_seed, int(fit_config.get("server-round", 0)), partition_id(context), 7) % 2**32
+    return seed_for(run_seed, int(fit_config.get(ROUND_KEY, 0)), partition_id(context),
+                    SECAGG_ROUNDING_STREAM) % 2**32
 
 
 def _speak_legacy(call_next: ClientAppCallable) -> ClientAppCallable:
     """Wrap a fedsim train handler (arrays + config in, arrays + metrics out) as a legacy FitIns -> FitRes one."""
-    from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
-    from flwr.compat.common.recorddict_compat import arrayrecord_to_parameters, parameters_to_arrayrecord
-
     def handler(msg: Message, context: Context) -> Message:
         content = msg.content
         config = dict(content.config_records.pop(f"{_FITINS}.config"))
@@ -216,15 +231,6 @@ class SecAggGrid(WrappedGrid):
     # -- one SecAgg+ round --------------------------------------------------------------------------------------
     def secure_round(self, messages: list[Message]) -> list[Message]:
         """Run Flower's SecAgg+ workflow for these train instructions; one reply per node, all the aggregate."""
-        from flwr.app import Context as FlwrContext
-        from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
-        from flwr.compat.common.recorddict_compat import parameters_to_arrayrecord
-        from flwr.server import ServerConfig
-        from flwr.server.compat.legacy_context import LegacyContext
-        from flwr.server.workflow import SecAggPlusWorkflow
-        from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
-        from flwr.server.workflow.constant import Key as WorkflowKey
-
         first = messages[0]
         server_round = int(first.content["config"].get("server-round", first.metadata.group_id or 0))
         names = list(first.content["arrays"].keys())
@@ -356,8 +362,6 @@ class _Relay:
     """A legacy strategy for one SecAgg+ round: hands out the prepared FitIns and keeps the unmasked result."""
 
     def __init__(self, instructions: dict, grid: Grid) -> None:
-        from flwr.server.compat.grid_client_proxy import GridClientProxy
-
         try:
             run_id = grid.run.run_id
         except Exception:  # a grid without a run: the proxies are never asked to send anything

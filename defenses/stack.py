@@ -8,9 +8,10 @@
         - {name: noise, clip: 1.0, sigma: 0.01}
 
 Each step is any registered defense with its own knobs (checked as `defense.steps[i].<knob>`). Update transforms
-run in list order on the client. Model and protocol steps sit at the ends of the list, where they act: `keylock`
-(which private layers the update excludes) must come first, `secagg` (how the result is sent) last; a stack inside
-a stack is refused. Hooks chain in list order (`build_model`, `wrap_grid`, `wrap_strategy`, `observe`).
+run in list order on the client. Steps with a client mod sit at the end of the list where their mod acts (as each
+declares, `Defense.client_mods`): a "model" step (key-lock: which private layers the update excludes) must come
+first, a "protocol" step (secagg: how the result is sent) last; a stack inside a stack is refused. Hooks chain in
+list order (`build_model`, `client_mods`, `wrap_grid`, `wrap_strategy`, `observe`).
 
 Privacy: every Gaussian-with-clipping step is a DP mechanism on its own, and the other steps are either
 post-processing (after it) or an input it bounds anyway (before it), so the stack reports the smallest epsilon of
@@ -27,12 +28,13 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from defenses.base import Defense, DefenseContext, build_defense, register_defense
-from fedsim.config import knob
+from defenses.base import ClientMod, Defense, DefenseContext, build_defense, register_defense
 from fedsim.errors import ConfigError
+from fedsim.schema import knob
 
-FIRST_ONLY = ("keylock",)    # model transforms: the update they leave is what the other steps see
-LAST_ONLY = ("secagg",)      # protocols: how the finished update travels
+# Where a step with a client mod at each position must sit in the list, and why.
+PLACES = {"model": ("first", "it decides which layers the update holds"),
+          "protocol": ("last", "it is how the finished update is sent")}
 
 
 @dataclass(frozen=True)
@@ -63,13 +65,12 @@ class Stack(Defense):
                 raise ConfigError(key, node, "a mapping with a defense name, e.g. {name: noise, sigma: 0.1}")
             if node["name"] == "stack":
                 raise ConfigError(f"{key}.name", "stack", "a defense other than stack (list the steps instead)")
-            if node["name"] in FIRST_ONLY and i != 0:
-                raise ConfigError(f"{key}.name", node["name"], f"{node['name']} only as the first step "
-                                  "(it decides which layers the update holds)")
-            if node["name"] in LAST_ONLY and i != len(steps) - 1:
-                raise ConfigError(f"{key}.name", node["name"], f"{node['name']} only as the last step "
-                                  "(it is how the finished update is sent)")
-            built.append(build_defense(node, key))
+            step = build_defense(node, key)
+            for position in sorted({m.position for m in step.client_mods()}):
+                place, why = PLACES[position]
+                if i != (0 if place == "first" else len(steps) - 1):
+                    raise ConfigError(f"{key}.name", node["name"], f"{node['name']} only as the {place} step ({why})")
+            built.append(step)
         self._steps = built
         self.name = "+".join(d.name for d in built)  # type: ignore[misc]
 
@@ -109,6 +110,9 @@ class Stack(Defense):
             return min(dp, key=lambda r: r["epsilon"] if r["epsilon"] is not None else math.inf)
         labels = [str(r["privacy"]) for r in reports if "privacy" in r]
         return {"privacy": "; ".join(labels)} if labels else {}
+
+    def client_mods(self) -> list[ClientMod]:
+        return [mod for step in self._steps for mod in step.client_mods()]
 
     def build_model(self, model: nn.Module, *, private: bool) -> nn.Module:
         for step in self._steps:

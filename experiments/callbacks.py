@@ -8,6 +8,9 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from fedsim.console import print_study
+from fedsim.report import STATUSES, collect, write_report
+
 
 class StudyCallback(Callback):
     """After a multirun: one line per status count, then the report (`fedsim-report`) of the sweep's folder."""
@@ -16,8 +19,6 @@ class StudyCallback(Callback):
         self.report = report
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from fedsim.report import STATUSES, collect, write_report
-
         sweep_dir = Path(str(config.hydra.sweep.dir))
         if not sweep_dir.is_dir():
             return
@@ -31,7 +32,6 @@ class StudyCallback(Callback):
         except Exception as err:  # noqa: BLE001 - the sweep's results stand even if the report cannot be drawn
             print(f"fedsim: the report failed ({type(err).__name__}: {err}); retry with: fedsim-report {sweep_dir}")
             return
-        from fedsim.console import print_study
 
         print_study(report.runs, f"{sweep_dir.name}: attack success (mean over rounds and clients) and final accuracy")
         counts = ", ".join(f"{n} {s}" for s in STATUSES if (n := sum(j.status == s for j in report.jobs)))

@@ -15,6 +15,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
+
+from experiments.sweeps import study_jobs
+from fedsim.cli import CONF_DIR
+from fedsim.console import setting_name
+from fedsim.report import Job, job_label, markdown_table, parse_overrides, swept_keys
+
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 DEMO = ("+experiment=spear_vs_defenses",)
@@ -49,13 +58,6 @@ def rows(table: str) -> dict[str, tuple[str, ...]]:
 
 def demo_jobs(extra: tuple[str, ...] = ()) -> list[list[str]]:
     """The demo's jobs (one override list each), as its sweeper expands them."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from omegaconf import OmegaConf
-
-    from experiments.sweeps import study_jobs
-    from fedsim.cli import CONF_DIR
-
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=[*DEMO, *extra], return_hydra_config=True)
     sweeper = OmegaConf.to_container(cfg.hydra.sweeper, resolve=True)
@@ -64,9 +66,6 @@ def demo_jobs(extra: tuple[str, ...] = ()) -> list[list[str]]:
 
 def demo_settings() -> list[str]:
     """The setting column the demo's table has, one per job (as `fedsim.report` labels them)."""
-    from fedsim.console import setting_name
-    from fedsim.report import Job, job_label, parse_overrides, swept_keys
-
     jobs = [Job(Path(str(i)), str(i), "complete", parse_overrides(o)) for i, o in enumerate(demo_jobs())]
     keys = swept_keys(jobs)
     return [setting_name(job_label(job, keys)) for job in jobs]
@@ -82,8 +81,6 @@ def run_demo(folder: Path, extra: tuple[str, ...] = ()) -> None:
 
 
 def main() -> int:
-    from fedsim.report import markdown_table
-
     folder = ROOT / FOLDER
     run_demo(folder)
     table = markdown_table(folder)

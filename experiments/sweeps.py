@@ -19,6 +19,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
 
 def study_jobs(params: Mapping[str, Any] | None, arms: Mapping[str, Mapping[str, Any] | None] | None,
                arguments: Sequence[str], parser: Any) -> list[list[str]]:
@@ -26,8 +28,6 @@ def study_jobs(params: Mapping[str, Any] | None, arms: Mapping[str, Mapping[str,
 
     `parser` is Hydra's `OverridesParser` (it knows sweep syntax: `a,b`, `range(...)`, `choice(...)`).
     """
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-
     common = [f"{k}={v}" for k, v in (params or {}).items()]
     args = parser.parse_overrides(list(arguments))
     if not arms:

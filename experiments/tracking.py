@@ -24,8 +24,12 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from fedsim.errors import ConfigError
+from fedsim.metrics import HEADLINE_METRICS
+from fedsim.report import read_job
+
 BACKENDS = ("tensorboard", "mlflow")
-ATTACK_METRICS = ("identified", "exact", "recovered", "psnr", "ssim", "label_acc")
+ATTACK_METRICS = HEADLINE_METRICS
 
 
 def round_metrics(job: Any) -> dict[int, dict[str, float]]:
@@ -53,8 +57,6 @@ class TrackingCallback(Callback):
     def __init__(self, backend: str = "tensorboard", dir: str | None = None, uri: str | None = None,
                  experiment: str | None = None) -> None:
         if backend not in BACKENDS:
-            from fedsim.errors import ConfigError
-
             raise ConfigError("tracking.backend", backend, f"one of {', '.join(BACKENDS)}")
         self.backend, self.dir, self.uri, self.experiment = backend, dir, uri, experiment
         self._started = 0.0
@@ -63,8 +65,6 @@ class TrackingCallback(Callback):
         self._started = time.time()
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
-        from fedsim.report import read_job
-
         directory = Path(str(config.hydra.runtime.output_dir))
         job = read_job(directory, directory.parent)
         if not job.state or job.state.get("started_at", 0) < self._started - 1:
@@ -81,7 +81,7 @@ def _study(job: Any) -> str:
 
 def log_tensorboard(job: Any, *, name: str, folder: str | None = None, **_: Any) -> Path:
     """Scalars per round into `folder/name` (default: the run directory's `tensorboard/`)."""
-    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard import SummaryWriter  # optional: the tracking extra (tensorboard)
 
     log_dir = Path(folder) / name if folder else job.directory / "tensorboard"
     writer = SummaryWriter(log_dir=str(log_dir))
@@ -99,7 +99,7 @@ def log_tensorboard(job: Any, *, name: str, folder: str | None = None, **_: Any)
 
 def log_mlflow(job: Any, *, name: str, uri: str | None = None, experiment: str = "fedsim", **_: Any) -> str:
     """One MLflow run per job: overrides as params, per-round metrics with step = round, grids as artifacts."""
-    import mlflow
+    import mlflow  # optional: the tracking extra (mlflow)
 
     if uri:
         mlflow.set_tracking_uri(uri)

@@ -1,4 +1,7 @@
-"""Running fedsim from Python (notebooks, labs, tests): the same configs and runtimes as the CLI."""
+"""Running fedsim from Python (notebooks, labs, tests): the same configs and runtimes as the CLI.
+
+Layer: the entry points (with the CLI): it hands fedsim's apps to the configured runtime.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
+
+from fedsim import client_app, server_app
+from fedsim.config import validate
+from fedsim.paths import CONF_DIR
+from fedsim.protocol import OUTPUT_KEY, PROGRESS_KEY, RUN_CONFIG_KEY
+from fedsim.results import (
+    RESULTS_FILE,
+    ROUNDS_FILE,
+    clear_run_dir,
+    lock_run_dir,
+    read_jsonl,
+    read_status,
+    unlock_run_dir,
+)
+from fedsim.runtime import launch, quiet_flower
 
 
 @dataclass
@@ -29,11 +49,6 @@ class RunResult:
 
 def compose(overrides: Sequence[str] = ()) -> DictConfig:
     """The configuration `fedsim OVERRIDES...` would run (Hydra's compose API over `conf/`)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from fedsim.cli import CONF_DIR
-
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return hydra_compose(config_name="config", overrides=list(overrides))
 
@@ -43,10 +58,6 @@ def run(overrides: Sequence[str] = (), output: str | Path | None = None, *, prog
 
     As the CLI: the directory is locked while the run goes (RunDirInUse if another process holds it) and the
     outputs of an earlier run in it are replaced."""
-    from fedsim.config import validate
-    from fedsim.results import clear_run_dir, lock_run_dir, unlock_run_dir
-    from fedsim.runtime import launch, quiet_flower
-
     raw = OmegaConf.to_container(compose(overrides), resolve=True)
     run_config = validate(raw)
     quiet_flower(run_config.verbose)
@@ -54,9 +65,9 @@ def run(overrides: Sequence[str] = (), output: str | Path | None = None, *, prog
     lock_run_dir(directory)
     try:
         clear_run_dir(directory)
-        launch({"fedsim-config": yaml.safe_dump(raw, sort_keys=False), "fedsim-output": str(directory),
-                "fedsim-progress": progress}, run_config.runtime, clients=run_config.fl.clients,
-               nodes=run_config.nodes)
+        launch(server_app.app, client_app.app, {RUN_CONFIG_KEY: yaml.safe_dump(raw, sort_keys=False),
+                                                OUTPUT_KEY: str(directory), PROGRESS_KEY: progress},
+               run_config.runtime, clients=run_config.fl.clients, nodes=run_config.nodes)
     finally:
         unlock_run_dir(directory)
     return load(directory)
@@ -64,8 +75,6 @@ def run(overrides: Sequence[str] = (), output: str | Path | None = None, *, prog
 
 def load(directory: str | Path) -> RunResult:
     """The records of a run directory (finished or not)."""
-    from fedsim.results import ROUNDS_FILE, RESULTS_FILE, read_jsonl, read_status
-
     directory = Path(directory)
     return RunResult(directory, read_jsonl(directory / RESULTS_FILE), read_jsonl(directory / ROUNDS_FILE),
                      read_status(directory))

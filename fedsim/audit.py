@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import sys
 import traceback
 from collections.abc import Callable
 
@@ -34,11 +33,9 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from fedsim.arrays import to_numpy
-from fedsim.hook import AUDIT_KEY, audit_record
+from fedsim.protocol import AUDIT_KEY, CONSENT_KEY, audit_record, in_simulation, may_audit  # noqa: F401  (re-exported)
 
 log = logging.getLogger("fedsim")
-
-CONSENT_KEY = "fedsim-audit"  # node config: this node's operator lets its true batches go to the scorer
 _LOSSES = {F.cross_entropy: 1, F.nll_loss: 1}  # functional losses -> position of the target argument
 _warned = False
 _active: BatchCapture | None = None  # the capture of the train message being handled (ClientApps run one at a time)
@@ -46,26 +43,6 @@ _active: BatchCapture | None = None  # the capture of the train message being ha
 
 class CaptureFailed(RuntimeError):
     """The client's batch could not be taken from its training (the reason says why)."""
-
-
-def in_simulation() -> bool:
-    """True inside fedsim's in-process runtime or a Ray simulation actor; False on a real SuperNode."""
-    from fedsim import runtime  # the runtime layer sits above this one: asked, not imported, at call time
-
-    if runtime.INLINE_ACTIVE:
-        return True
-    ray = sys.modules.get("ray")
-    try:
-        return bool(ray is not None and ray.is_initialized() and ray.get_runtime_context().get_actor_id())
-    except Exception:
-        return False
-
-
-def may_audit(context: Context) -> bool:
-    """Whether this node may send its true batch to the scorer: it is simulated (its data belongs to whoever runs
-    the simulation), or its operator said so in its node config (`fedsim-audit=true`)."""
-    value = context.node_config.get(CONSENT_KEY, False)
-    return value is True or str(value).lower() == "true" or in_simulation()
 
 
 def capture(inputs: Tensor, labels: Tensor | None = None) -> None:

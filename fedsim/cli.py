@@ -12,15 +12,33 @@ locks its sweep directory, and each job its own.
 
 from __future__ import annotations
 
+import re
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import hydra
 import yaml
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.plugins import Plugins
+from hydra.core.utils import setup_globals
+from hydra.errors import HydraException
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+from fedsim import client_app, server_app
+from fedsim.config import validate
+from fedsim.errors import AttackNotApplicable, ConfigError, DatasetNotFound, FedsimError, RunDirInUse
+from fedsim.paths import CONF_DIR
+from fedsim.protocol import OUTPUT_KEY, RUN_CONFIG_KEY
+from fedsim.results import ResultsWriter, clear_run_dir, lock_run_dir, read_status
+from fedsim.runtime import launch, quiet_flower
+from hydra_plugins.fedsim_sweeper import StudySweeper
+
 GROUPS = ("attack", "defense", "data", "model", "runtime", "partition", "experiment", "tracking")
 EXIT_CONFIG = 2
 
@@ -51,9 +69,6 @@ def prepare(argv: list[str]) -> tuple[str | None, list[str]]:
     output directory is writable, locks it and, for a single run, clears what an earlier run left there. The run
     (sweep) directory is resolved once here and passed to Hydra, so `${now:...}` names the directory locked.
     """
-    from fedsim.errors import FedsimError
-    from fedsim.results import clear_run_dir, lock_run_dir
-
     if any(a.split("=")[0] in HYDRA_FLAGS_WITHOUT_RUN for a in argv if a.startswith("-")):
         return None, argv  # Hydra only prints something
     if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):
@@ -92,13 +107,6 @@ def _quoted(path: Path) -> str:
 def compose_checked(overrides: list[str], multirun: bool) -> DictConfig:
     """The composed config (with Hydra's node) that the command line gives; sweep overrides take their first
     value. Raises FedsimError with one line for what Hydra cannot compose (e.g. an unknown key without +)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.utils import setup_globals
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from fedsim.errors import FedsimError
-
     setup_globals()  # registers ${now:...}
     try:
         plain = [first_value(o) for o in overrides] if multirun else overrides
@@ -110,8 +118,6 @@ def compose_checked(overrides: list[str], multirun: bool) -> DictConfig:
 
 def first_value(override: str) -> str:
     """`key=a,b` -> `key=a` (and `key=range(..)`, `glob(..)` ... -> their first value): the config of one job."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     parsed = OverridesParser.create().parse_overrides([override])[0]
     if not parsed.is_sweep_override():
         return override
@@ -122,8 +128,6 @@ def first_value(override: str) -> str:
 
 def _compose_problem(err: Exception, overrides: list[str]) -> str:
     """Hydra's composition error as one line naming the key."""
-    import re
-
     message = str(err)
     unknown = re.search(r"Could not override '([^']+)'", message)
     if unknown:
@@ -143,8 +147,6 @@ def _compose_problem(err: Exception, overrides: list[str]) -> str:
 
 
 def _known_keys(parent: str, overrides: list[str]) -> list[str]:
-    from hydra import compose, initialize_config_dir
-
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             cfg = compose(config_name="config", overrides=overrides)
@@ -156,9 +158,6 @@ def _known_keys(parent: str, overrides: list[str]) -> list[str]:
 
 def check_values(cfg: DictConfig) -> str | None:
     """One line for the first invalid value of a single run's config (as `run_job` validates it)."""
-    from fedsim.config import validate
-    from fedsim.errors import AttackNotApplicable, ConfigError, DatasetNotFound, FedsimError
-
     try:
         job = OmegaConf.masked_copy(cfg, [str(k) for k in cfg.keys() if k != "hydra"])
         validate(OmegaConf.to_container(job, resolve=True))
@@ -171,10 +170,6 @@ def check_values(cfg: DictConfig) -> str | None:
 
 def register_study_sweeper() -> None:
     """Make `hydra/sweeper=study` available (Hydra's plugin scan misses it in editable installs)."""
-    from hydra.core.plugins import Plugins
-
-    from hydra_plugins.fedsim_sweeper import StudySweeper
-
     Plugins.instance().register(StudySweeper)
 
 
@@ -201,8 +196,6 @@ def check_group_overrides(argv: list[str]) -> str | None:
 
 def check_writable(key: str, target: Path) -> str | None:
     """A one-line problem when the run (or sweep) directory cannot be written; None when it can."""
-    import tempfile
-
     existing = target
     while not existing.exists():
         existing = existing.parent
@@ -227,14 +220,6 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def run_job(cfg: DictConfig) -> str | None:
     """Validate, then run one federation into Hydra's output directory. Returns that directory."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    from fedsim.config import validate
-    from fedsim.errors import AttackNotApplicable, ConfigError, DatasetNotFound, FedsimError, RunDirInUse
-    from fedsim.results import ResultsWriter, lock_run_dir, read_status
-    from fedsim.runtime import launch, quiet_flower
-
     hc = HydraConfig.get()
     output = hc.runtime.output_dir
     multirun = hc.mode == RunMode.MULTIRUN
@@ -266,8 +251,8 @@ def run_job(cfg: DictConfig) -> str | None:
         print(f"fedsim: {output} is already complete; skipped")
         return output
     try:
-        launch({"fedsim-config": config_yaml, "fedsim-output": output}, run.runtime, clients=run.fl.clients,
-               nodes=run.nodes)
+        launch(server_app.app, client_app.app, {RUN_CONFIG_KEY: config_yaml, OUTPUT_KEY: output}, run.runtime,
+               clients=run.fl.clients, nodes=run.nodes)
         status = read_status(output)  # a runtime may end quietly after a failed ServerApp: its status says
         if status.get("state") != "complete":
             raise FedsimError(status.get("error") or f"the run ended in state {status.get('state', 'unknown')!r}")

@@ -2,7 +2,13 @@
 
 Everything a client needs arrives with the instruction: the global model and, in the train ConfigRecord, the run's
 configuration (`fedsim.config`, YAML). Defenses and fault injection are client mods built from that configuration
-at call time. The same app runs in-process, on Ray's simulation engine and on real SuperNodes.
+at call time: the chain is, outermost first, the "protocol" mods the configured defenses declare
+(`Defense.client_mods`, e.g. SecAgg+), fault injection, the update transform, what is sent (buffers or not), the
+"model" mods the defenses declare (e.g. key-lock's private layers), then the train handler. The same app runs
+in-process, on Ray's simulation engine and on real SuperNodes.
+
+Layer: the federation (with the server app, the hook, run validation and recording); imports the core, data,
+models, attacks and defenses, never a runtime.
 """
 
 from __future__ import annotations
@@ -10,7 +16,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass
-from functools import cached_property, lru_cache
+from functools import cached_property, lru_cache, partial
 from typing import Any
 
 import torch
@@ -19,18 +25,28 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 
-from defenses.base import Defense, DefenseContext, build_defense
-from defenses.keylock import keylock_mod
-from defenses.secagg import secagg_mod
+from defenses.base import ClientMod, Defense, DefenseContext, build_defense
 from fedsim.arrays import to_state_dict
-from fedsim.audit import may_audit
 from fedsim.config import FLConfig, RunConfig, validate
+from fedsim.data import load_dataset
+from fedsim.data.partition import partition
 from fedsim.faults import BAD_EXAMPLES, DTYPE_FORMS, InjectedCrash, corrupt, draw_fault, variant
-from fedsim.hook import AUDIT_KEY, CLIENT_KEY, audit_record
-from fedsim.training import local_update, seed_for, single_thread
+from fedsim.models import build_model
+from fedsim.protocol import (
+    AUDIT_FLAG,
+    AUDIT_KEY,
+    CLIENT_KEY,
+    CONFIG_KEY,
+    PARTITIONS_KEY,
+    ROUND_KEY,
+    audit_record,
+    may_audit,
+    partition_id,
+)
+from fedsim.seeds import DEFENSE_STREAM, seed_for
+from fedsim.training import evaluate, local_update, single_thread
 
-CONFIG_KEY = "fedsim.config"   # in the train ConfigRecord: the run's config as YAML
-AUDIT_FLAG = "fedsim.audit"    # in the train ConfigRecord: the server asks for the batch (for the scorer)
+PLAN_KEY = "fedsim.plan"       # in a node's Context.state: the run's config it last received (SecAgg+ stages carry none)
 
 
 @dataclass(frozen=True)
@@ -57,17 +73,12 @@ class ClientPlan:
     # Built on first use and kept: a process running many clients (inline, a Ray actor) pays for them once.
     @cached_property
     def _partitions(self) -> tuple[Any, list[torch.Tensor]]:
-        from fedsim.data import load_dataset
-        from fedsim.data.partition import partition
-
         bundle = load_dataset(self.run.data)
         parts = partition(bundle.train_y, self.fl.clients, self.run.partition, self.run.seed)
         return bundle, [torch.as_tensor(p) for p in parts]
 
     @cached_property
     def _model(self) -> torch.nn.Module:
-        from fedsim.models import build_model
-
         bundle = self._partitions[0]
         # with its private parts (e.g. key-lock layers, whose values the client's mods restore from its state)
         return self.defense.build_model(build_model(self.run.model, bundle.input_shape, bundle.num_classes,
@@ -77,6 +88,10 @@ class ClientPlan:
     def _model_is_reusable(self) -> bool:
         persistent = set(self._model.state_dict())
         return all(name in persistent for name, _ in self._model.named_buffers())
+
+    def mods(self, position: str) -> list[ClientMod]:
+        """The client mods the configured defenses declare at `position`, outermost first."""
+        return [m for m in self.defense.client_mods() if m.position == position]
 
 
 @lru_cache(maxsize=4)
@@ -89,11 +104,36 @@ def plan_of(msg: Message) -> ClientPlan:
     return client_plan(str(msg.content["config"][CONFIG_KEY]))
 
 
-def partition_id(context: Context) -> int:
-    if "partition-id" not in context.node_config:
-        raise KeyError("this SuperNode has no partition-id in its node config (start it with "
-                       "--node-config 'partition-id=N num-partitions=M')")
-    return int(context.node_config["partition-id"])
+def _config_of(msg: Message, context: Context) -> str | None:
+    """The run's config the message carries (remembered in the node's state), else the one it last carried."""
+    record = msg.content.config_records.get("config") if msg.has_content() else None
+    if record is not None and CONFIG_KEY in record:
+        config = str(record[CONFIG_KEY])
+        context.state[PLAN_KEY] = ConfigRecord({CONFIG_KEY: config})
+        return config
+    remembered = context.state.config_records.get(PLAN_KEY)
+    return str(remembered[CONFIG_KEY]) if remembered is not None else None
+
+
+def declared_mods(position: str):
+    """A Flower mod running the client mods the configured defenses declare at `position` (see `ClientMod`)."""
+
+    def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        config = _config_of(msg, context)
+        if config is None:  # nothing configured yet: no defense has a say
+            return call_next(msg, context)
+        plan = client_plan(config)
+        chain = call_next
+        for declared in reversed(plan.mods(position)):
+            chain = partial(_call_declared, declared.mod, chain, plan)
+        return chain(msg, context)
+
+    mod.__name__ = f"{position}_mods"
+    return mod
+
+
+def _call_declared(mod, call_next: ClientAppCallable, plan: ClientPlan, msg: Message, context: Context) -> Message:
+    return mod(msg, context, call_next, plan)
 
 
 # --- mods --------------------------------------------------------------------------------------------------------
@@ -103,7 +143,7 @@ def fault_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> M
     if msg.metadata.message_type != MessageType.TRAIN:
         return call_next(msg, context)
     plan = plan_of(msg)
-    server_round = int(msg.content["config"]["server-round"])
+    server_round = int(msg.content["config"][ROUND_KEY])
     pid = partition_id(context)
     seed = plan.run.seed
     fault = draw_fault(plan.run.faults, seed, server_round, pid)
@@ -156,7 +196,7 @@ def defense_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
     update = {k: (v - incoming[k] if k in as_delta else v) for k, v in sent.items()
               if k not in buffers or v.is_floating_point()}
     num_examples = int(out.content["metrics"]["num-examples"])
-    gen = torch.Generator().manual_seed(seed_for(plan.run.seed, server_round, pid, 0xDEF))
+    gen = torch.Generator().manual_seed(seed_for(plan.run.seed, server_round, pid, DEFENSE_STREAM))
     ctx = DefenseContext(server_round, pid, plan.fl.mode, num_examples, gen)
     defended = defense.transform(update, ctx)
     arrays = {k: ((incoming[k] + defended[k]) if k in as_delta else defended[k]) if k in defended else v
@@ -184,9 +224,9 @@ def buffers_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
     return out
 
 
-# Outermost first: SecAgg+ (protocol messages only), faults, the update transform, what is sent (buffers or not),
-# key-lock's private layers.
-app = ClientApp(mods=[secagg_mod, fault_mod, defense_mod, buffers_mod, keylock_mod])
+# Outermost first: the defenses' protocol mods (SecAgg+), faults, the update transform, what is sent (buffers or
+# not), the defenses' model mods (key-lock's private layers).
+app = ClientApp(mods=[declared_mods("protocol"), fault_mod, defense_mod, buffers_mod, declared_mods("model")])
 
 
 @app.query()
@@ -199,8 +239,8 @@ def query(msg: Message, context: Context) -> Message:
         if partition_id(context) < plan.fl.clients:
             plan.data(partition_id(context))
             plan.model()
-    if "num-partitions" in context.node_config:
-        info["num-partitions"] = int(context.node_config["num-partitions"])
+    if PARTITIONS_KEY in context.node_config:
+        info[PARTITIONS_KEY] = int(context.node_config[PARTITIONS_KEY])
     return Message(RecordDict({CLIENT_KEY: ConfigRecord(info)}), reply_to=msg)
 
 
@@ -211,9 +251,6 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     plan = plan_of(msg)
     bundle, _, _ = plan.data(partition_id(context))
     model = plan.model()
-
-    from fedsim.training import evaluate
-
     with single_thread():
         model.load_state_dict(to_state_dict(msg.content["arrays"]))
         accuracy, loss = evaluate(model, bundle.test_x, bundle.test_y)

@@ -1,4 +1,4 @@
-"""Typed, validated configuration.
+"""Typed, validated configuration of one run.
 
 Hydra composes a DictConfig from `conf/`; `validate` turns it into frozen dataclasses, checking every value at the
 door. A bad value raises `ConfigError(key, value, allowed)`, which the CLI prints as one line before any work.
@@ -8,161 +8,62 @@ Plug-ins (attacks, defenses, datasets, models) declare their knobs as a dataclas
 
 from __future__ import annotations
 
-import dataclasses
-import operator
-import types
-import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
+from attacks.base import build_attack
+from defenses.base import build_defense
+from fedsim.data import data_config, load_dataset
+from fedsim.data.partition import partition, partition_config
 from fedsim.errors import ConfigError
+from fedsim.faults import fault_config
+from fedsim.hook import ThreatModel
+from fedsim.models import build_model, model_config
+from fedsim.registry import Registry
+from fedsim.schema import build_config, check_range, coerce, knob, plain
+from fedsim.threat import TrainMeta
 
-T = TypeVar("T")
+# --- runtimes: where the apps run (registered by fedsim.runtime and fedsim.deployment) ---------------------------
 
-_MISSING = dataclasses.MISSING
-_BOUNDS = {"ge": (operator.ge, ">="), "gt": (operator.gt, ">"), "le": (operator.le, "<="), "lt": (operator.lt, "<")}
-
-
-def knob(
-    default: Any = _MISSING,
-    *,
-    ge: float | None = None,
-    gt: float | None = None,
-    le: float | None = None,
-    lt: float | None = None,
-    choices: tuple[Any, ...] | None = None,
-    help: str = "",
-) -> Any:
-    """A dataclass field with range/choice constraints checked by `build_config`."""
-    meta = {"ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices, "help": help}
-    if isinstance(default, (list, dict, set)):
-        value = default
-        return field(default_factory=lambda: type(value)(value), metadata=meta)
-    return field(default=default, metadata=meta)
+@dataclass(frozen=True)
+class RuntimeSpec:
+    Config: type
+    launch: Callable[..., None]
+    simulated: bool = True     # clients are virtual nodes this process creates (the default of `audit`)
 
 
-def _plain(value: Any) -> Any:
-    """OmegaConf containers -> plain Python."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(value, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(value, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf ships with hydra
-        pass
-    return value
+RUNTIMES: Registry[RuntimeSpec] = Registry("runtime", modules=("fedsim.runtime", "fedsim.deployment"),
+                                              default="inline")
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+def register_runtime(name: str, config: type, *, simulated: bool = True):
+    def decorator(fn):
+        RUNTIMES.register(name)(RuntimeSpec(config, fn, simulated))
+        return fn
+
+    return decorator
 
 
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Check `value` against the annotation `tp`; returns the value converted (int -> float, list -> tuple)."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(key, value, arg)
-            except ConfigError as err:
-                errors.append(err)
-        raise ConfigError(key, value, " or ".join(_type_name(a) for a in args))
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(key, value, f"a list ({_type_name(tp)})")
-        item = args[0] if args else Any
-        items = [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if origin is dict or tp is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(key, value, "a mapping")
-        return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(key, value, "true or false")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(key, value, "an integer")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(key, value, "a number")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(key, value, "a string")
-    return value
+def runtime_config(node: Any) -> tuple[str, Any]:
+    name, _, config = RUNTIMES.build(node, "runtime")
+    return name, config
 
 
-def _check_range(key: str, value: Any, meta: Mapping[str, Any]) -> None:
-    choices = meta.get("choices")
-    if choices is not None and value not in choices:
-        raise ConfigError(key, value, "one of " + ", ".join(str(c) for c in choices))
-    if value is None or not isinstance(value, (int, float)) or isinstance(value, bool):
-        return
-    for name, (compare, sign) in _BOUNDS.items():
-        bound = meta.get(name)
-        if bound is not None and not compare(value, bound):
-            raise ConfigError(key, value, f"a number {sign} {bound}")
+# --- what each simulated SuperNode holds of its own (`nodes.*`) ---------------------------------------------------
+
+@dataclass(frozen=True)
+class NodesConfig:
+    """What the simulated SuperNodes hold of their own (`nodes.*`). The server never sends it: it is not in the
+    configuration clients receive, as a real SuperNode's `--node-config` is not."""
+
+    key_seed: int | None = knob(0, ge=0, help="seed of the nodes' private key-lock keys (each node mixes in its "
+                                              "partition id; reproducible runs); null: each node draws its own "
+                                              "from OS randomness")
 
 
-def build_config(cls: type[T], node: Any, prefix: str, *, ignore: tuple[str, ...] = ()) -> T:
-    """Build the dataclass `cls` from a config node, checking keys, types and ranges.
-
-    `prefix` is the dotted config path of the node (for error messages); keys in `ignore` are skipped.
-    """
-    values = _plain(node) or {}
-    if not isinstance(values, Mapping):
-        raise ConfigError(prefix, values, "a mapping")
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    hints = typing.get_type_hints(cls)
-    kwargs: dict[str, Any] = {}
-    for name, value in values.items():
-        if name in ignore:
-            continue
-        key = f"{prefix}.{name}" if prefix else str(name)
-        if name not in fields:
-            allowed = ", ".join(sorted(n for n in fields if n not in ignore))
-            raise ConfigError(key, value, f"a known key of {prefix or 'the config'} ({allowed})")
-        converted = _coerce(key, value, hints[name])
-        _check_range(key, converted, fields[name].metadata)
-        kwargs[name] = converted
-    for name, f in fields.items():
-        if name not in kwargs and f.default is _MISSING and f.default_factory is _MISSING:  # type: ignore[misc]
-            raise ConfigError(f"{prefix}.{name}" if prefix else name, None, "a value (this key is required)")
-    return cls(**kwargs)
-
-
-def knobs_of(cls: type) -> dict[str, dict[str, Any]]:
-    """The knobs of a config dataclass with default and help text (for docs and `fedsim --help`)."""
-    out = {}
-    for f in dataclasses.fields(cls):
-        default = f.default if f.default is not _MISSING else (
-            f.default_factory() if f.default_factory is not _MISSING else None)  # type: ignore[misc]
-        out[f.name] = {"default": default, "help": f.metadata.get("help", "")}
-    return out
-
-
-def to_dict(obj: Any) -> Any:
-    """Dataclass (possibly nested) -> plain dict, for writing into results."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [to_dict(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: to_dict(v) for k, v in obj.items()}
-    return obj
+def nodes_config(node: Any) -> NodesConfig:
+    return build_config(NodesConfig, plain(node) or {}, "nodes")
 
 
 # --- the run configuration ---------------------------------------------------------------------------------------
@@ -248,15 +149,7 @@ def validate(cfg: Any, *, deep: bool = True) -> RunConfig:
 
     Raises ConfigError (or AttackNotApplicable / DatasetNotFound) with a one-line message.
     """
-    from attacks.base import build_attack
-    from defenses.base import build_defense
-    from fedsim.data import data_config
-    from fedsim.data.partition import partition_config
-    from fedsim.faults import fault_config
-    from fedsim.models import model_config
-    from fedsim.runtime import nodes_config, runtime_config
-
-    raw = _plain(cfg)
+    raw = plain(cfg)
     if not isinstance(raw, Mapping):
         raise ConfigError("config", raw, "a mapping")
     known = {"seed", "fl", "partition", "threat", "output", "faults", "audit", "verbose", "data", "model", "attack",
@@ -264,13 +157,13 @@ def validate(cfg: Any, *, deep: bool = True) -> RunConfig:
     for key in raw:
         if key not in known:
             raise ConfigError(str(key), raw[key], f"a known key ({', '.join(sorted(known - {'hydra'}))})")
-    seed = _coerce("seed", raw.get("seed", 0), int)
-    threat_node = _plain(raw.get("threat")) or {}
+    seed = coerce("seed", raw.get("seed", 0), int)
+    threat_node = plain(raw.get("threat")) or {}
     if isinstance(threat_node, Mapping) and "buffers" in threat_node:
         raise ConfigError("threat.buffers", threat_node["buffers"],
                           "no such key: the server always sees the BatchNorm statistics clients send; to keep them "
                           "on the clients set fl.send_buffers=false")
-    _check_range("seed", seed, {"ge": 0, "lt": 2**63})
+    check_range("seed", seed, {"ge": 0, "lt": 2**63})
     fl = build_config(FLConfig, raw.get("fl"), "fl")
     if fl.clients_per_round is not None and fl.clients_per_round > fl.clients:
         raise ConfigError("fl.clients_per_round", fl.clients_per_round, f"at most fl.clients={fl.clients}")
@@ -283,7 +176,7 @@ def validate(cfg: Any, *, deep: bool = True) -> RunConfig:
         seed=seed, fl=fl, partition=partition_config(raw.get("partition")),
         threat=build_config(ThreatConfig, raw.get("threat"), "threat"), targets=targets,
         output=build_config(OutputConfig, raw.get("output"), "output"), faults=fault_config(raw.get("faults")),
-        audit=_audit(raw), verbose=_coerce("verbose", raw.get("verbose", False), bool),
+        audit=_audit(raw), verbose=coerce("verbose", raw.get("verbose", False), bool),
         data=dict(raw.get("data") or {}), model=dict(raw.get("model") or {}), attack=attack_node,
         defense=dict(raw.get("defense") or {"name": "none"}), runtime=dict(raw.get("runtime") or {"name": "inline"}),
         raw=dict(raw), metrics=build_config(MetricsConfig, raw.get("metrics"), "metrics"),
@@ -301,9 +194,7 @@ def validate(cfg: Any, *, deep: bool = True) -> RunConfig:
 
 def _audit(raw: Mapping[str, Any]) -> bool:
     """`audit: null` means the runtime's default: on in simulation, off on a real federation (deployment)."""
-    from fedsim.runtime import RUNTIMES
-
-    value = _coerce("audit", raw.get("audit"), bool | None)
+    value = coerce("audit", raw.get("audit"), bool | None)
     if value is not None:
         return value
     name = dict(raw.get("runtime") or {}).get("name", "inline")
@@ -324,11 +215,6 @@ def _check_targets(targets: Any, clients: int) -> None:
 
 def _deep_checks(run: RunConfig, attack: Any) -> None:
     """Checks that need the data and the model: batch size against partitions, the attack against the model."""
-    from fedsim.data import load_dataset
-    from fedsim.data.partition import partition
-    from fedsim.models import build_model
-    from defenses.base import build_defense
-
     bundle = load_dataset(run.data)
     parts = partition(bundle.train_y, run.fl.clients, run.partition, run.seed)
     smallest = min(len(p) for p in parts)
@@ -340,15 +226,16 @@ def _deep_checks(run: RunConfig, attack: Any) -> None:
     attack.check(model, threat_meta(run, bundle))
 
 
-def threat_meta(run: RunConfig, bundle: Any) -> Any:
-    """The TrainMeta template the threat model grants for this run (per-observation fields left empty)."""
-    from fedsim.threat import TrainMeta
-
+def threat_model(run: RunConfig, bundle: Any) -> ThreatModel:
+    """What the run's `threat` grants the curious server, in the hook's terms (the one place that reads it)."""
     t = run.threat
-    return TrainMeta(
-        mode=run.fl.mode, input_shape=bundle.input_shape, num_classes=bundle.num_classes,
-        normalization=bundle.normalization,
-        batch_size=run.fl.batch_size if t.batch_size else None,
-        local_steps=(1 if run.fl.mode == "fedsgd" else run.fl.local_steps) if t.local_steps else None,
-        lr=run.fl.lr if t.lr else None,
-    )
+    return ThreatModel(
+        mode=run.fl.mode, batch_size=run.fl.batch_size if t.batch_size else None,
+        local_steps=run.fl.local_steps if t.local_steps else None, lr=run.fl.lr if t.lr else None,
+        input_shape=bundle.input_shape, num_classes=bundle.num_classes, normalization=bundle.normalization,
+        grant_labels=t.labels)
+
+
+def threat_meta(run: RunConfig, bundle: Any) -> TrainMeta:
+    """The TrainMeta template the threat model grants for this run (per-observation fields left empty)."""
+    return threat_model(run, bundle).meta(run.fl.mode, bundle.input_shape, bundle.num_classes)

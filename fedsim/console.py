@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import sys
+import warnings
 from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any
@@ -173,3 +175,13 @@ def study_markdown(runs: Any) -> str:
 
 def print_study(runs: Any, title: str) -> None:
     Console(highlight=False, force_terminal=None if sys.stdout.isatty() else False).print(study_table(runs, title))
+
+
+def quiet_flower(verbose: bool) -> None:
+    """Flower logs every message at INFO; keep warnings only unless `verbose`."""
+    logger = logging.getLogger("flwr")
+    logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    logger.propagate = False  # Hydra would print every line twice
+    if not verbose:
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=".*deprecated.*")

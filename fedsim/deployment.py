@@ -33,9 +33,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedsim.config import knob
+import yaml
+
+from fedsim.config import register_runtime, validate
 from fedsim.errors import ConfigError, FedsimError
-from fedsim.runtime import register_runtime
+from fedsim.processes import process_alive
+from fedsim.protocol import OUTPUT_KEY, PROGRESS_KEY, RUN_CONFIG_KEY
+from fedsim.schema import knob
 
 log = logging.getLogger("fedsim")
 
@@ -59,8 +63,8 @@ class DeploymentConfig:
 def launch_deployment(config: DeploymentConfig, server_app, client_app, run_config: dict, clients: int) -> None:
     """Submit the run with `flwr run` and follow it to its end (the app objects travel as the app's code)."""
     app_dir = _app_dir(config.app_dir)
-    run_config = {"fedsim-progress": True, **run_config}
-    run_config["fedsim-output"] = str(Path(run_config.get("fedsim-output") or "outputs/flwr-run").resolve())
+    run_config = {PROGRESS_KEY: True, **run_config}
+    run_config[OUTPUT_KEY] = str(Path(run_config.get(OUTPUT_KEY) or "outputs/flwr-run").resolve())
     verbose = _verbose(run_config)
     with _scratch(config.flwr_home) as home:
         if config.local:
@@ -311,11 +315,11 @@ def stop_processes(processes: list[subprocess.Popen], grace: float = 10.0) -> No
             proc.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             pass
-    remaining = {pid for pid in pids if _exists(pid)}
+    remaining = {pid for pid in pids if process_alive(pid)}
     while remaining and time.monotonic() < deadline:
         time.sleep(0.2)
-        remaining = {pid for pid in remaining if _exists(pid)}
-    _signal({g for g in groups if _exists(g)}, remaining, signal.SIGKILL)
+        remaining = {pid for pid in remaining if process_alive(pid)}
+    _signal({g for g in groups if process_alive(g)}, remaining, signal.SIGKILL)
     for proc in alive:
         try:
             proc.wait(timeout=5)
@@ -358,18 +362,6 @@ def _signal(groups: set[int], pids: set[int], sig: int) -> None:
             os.kill(pid, sig)
         except (ProcessLookupError, PermissionError):
             pass
-
-
-def _exists(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        try:
-            os.kill(pid, 0)
-        except (ProcessLookupError, PermissionError):
-            return False
-        return True
-    return stat[stat.rindex(")") + 2] != "Z"          # a zombie has exited
 
 
 # --- environment ---------------------------------------------------------------------------------------------------
@@ -425,15 +417,9 @@ def _tail(path: Path, lines: int = 20) -> str:
 
 
 def _verbose(run_config: dict) -> bool:
-    import yaml
-
-    return bool((yaml.safe_load(run_config.get("fedsim-config") or "") or {}).get("verbose", False))
+    return bool((yaml.safe_load(run_config.get(RUN_CONFIG_KEY) or "") or {}).get("verbose", False))
 
 
 def _audit(run_config: dict) -> bool:
     """The run asks for ground truth (config `audit`, resolved: off in deployment unless set)."""
-    import yaml
-
-    from fedsim.config import validate
-
-    return validate(yaml.safe_load(run_config["fedsim-config"]), deep=False).audit
+    return validate(yaml.safe_load(run_config[RUN_CONFIG_KEY]), deep=False).audit

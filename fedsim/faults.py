@@ -16,20 +16,18 @@ aggregation and attacks.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from fedsim.grids import WrappedGrid
-
-from fedsim.config import _plain, build_config, knob
 from fedsim.errors import ConfigError, FedsimError
-from fedsim.training import seed_for
+from fedsim.grids import WrappedGrid
+from fedsim.schema import build_config, knob, plain
+from fedsim.seeds import FAULT_STREAM, seed_for
 
 FAULT_KINDS = ("crash", "dropout", "nan", "shape", "dtype", "huge", "examples", "audit", "impersonate", "slow")
-_STREAM = 0xFA17  # separates the fault draw from every other random stream of (seed, round, client)
 
 
 class InjectedCrash(FedsimError, RuntimeError):
@@ -60,7 +58,7 @@ class FaultConfig:
 
 
 def fault_config(node) -> FaultConfig:
-    cfg = build_config(FaultConfig, _plain(node) or {}, "faults")
+    cfg = build_config(FaultConfig, plain(node) or {}, "faults")
     total = cfg.total
     if total > 1.0:
         raise ConfigError("faults", {k: getattr(cfg, k) for k in FAULT_KINDS}, "fractions that sum to at most 1")
@@ -71,7 +69,7 @@ def draw_fault(cfg: FaultConfig, seed: int, server_round: int, client: int) -> s
     """The fault (if any) of `client` in `server_round`: one uniform draw against the cumulative fractions."""
     if not cfg.any:
         return None
-    u = torch.rand(1, generator=torch.Generator().manual_seed(seed_for(seed, server_round, client, _STREAM))).item()
+    u = torch.rand(1, generator=torch.Generator().manual_seed(seed_for(seed, server_round, client, FAULT_STREAM))).item()
     edge = 0.0
     for kind in FAULT_KINDS:
         edge += getattr(cfg, kind)
@@ -82,7 +80,7 @@ def draw_fault(cfg: FaultConfig, seed: int, server_round: int, client: int) -> s
 
 def variant(seed: int, server_round: int, client: int, count: int) -> int:
     """Which of `count` forms a fault takes (a second draw from the same stream as `draw_fault`)."""
-    gen = torch.Generator().manual_seed(seed_for(seed, server_round, client, _STREAM))
+    gen = torch.Generator().manual_seed(seed_for(seed, server_round, client, FAULT_STREAM))
     return int(torch.rand(2, generator=gen)[1].item() * count)
 
 

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import time
+from collections.abc import Iterable
 
 from flwr.app import Error, Message
 from flwr.common.constant import ErrorCode

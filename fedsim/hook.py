@@ -17,7 +17,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -32,52 +32,25 @@ from torch import Tensor, nn
 from attacks.base import Attack, build_attack
 from fedsim.errors import ConfigError
 from fedsim.grids import is_late
+from fedsim.metrics import RECOVERED_SSIM, score
+from fedsim.models.inspect import first_layer
+from fedsim.protocol import (  # noqa: F401  (audit_record: re-exported)
+    AGGREGATE_CLIENT,
+    AGGREGATE_KEY,
+    AUDIT_KEY,
+    CLIENT_KEY,
+    GRANT_KEY,
+    AuditFailed,
+    GroundTruth,
+    audit_record,
+    read_audit,
+)
+from fedsim.results import ResultsWriter, RunRecorder
 from fedsim.screen import MAX_RATIO, check_audit, decode, screen
-from fedsim.threat import (Normalization, Observation, Optimizer, Reconstruction, TrainMeta,
-                           implausible_normalization)
+from fedsim.seeds import SAMPLE_TARGETS_STREAM, round_rng
+from fedsim.threat import Normalization, Observation, Optimizer, Reconstruction, TrainMeta, implausible_normalization
 
 log = logging.getLogger("fedsim")
-
-AUDIT_KEY = "fedsim.audit"    # ConfigRecord with the client's true batch (simulation only)
-CLIENT_KEY = "fedsim.client"  # ConfigRecord with the client's partition id and the names of its buffers
-GRANT_KEY = "fedsim.grant"    # ConfigRecord with defense secrets the threat model grants the attacker (simulation)
-AGGREGATE_KEY = "fedsim.aggregate"  # ConfigRecord on replies that carry a secure aggregate, not one client's update
-AGGREGATE_CLIENT = -1         # the client id under which attacks on an aggregate are recorded
-
-
-# --- ground truth: only the scorer handles it ------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class GroundTruth:
-    """The samples a client trained on this round. inputs: (b, *shape) in model space; labels: (b,).
-
-    partition: (N, *shape), model space: the client's whole training partition (it holds the batch), when the
-    server side of the simulation knows it; the scorer's reference for `identified`.
-    """
-
-    inputs: Tensor
-    labels: Tensor
-    partition: Tensor | None = None
-
-
-def audit_record(inputs: Tensor, labels: Tensor) -> ConfigRecord:
-    """Pack a client's batch for the audit channel (float32 bytes + shape + labels)."""
-    x = inputs.detach().cpu().float().contiguous()
-    return ConfigRecord({"x": x.numpy().tobytes(), "x_shape": list(x.shape), "y": labels.cpu().tolist()})
-
-
-def read_audit(record: ConfigRecord) -> GroundTruth:
-    """The batch in an audit record (`AuditFailed` when the client could not capture it: the reason)."""
-    if "error" in record:
-        raise AuditFailed(str(record["error"]))
-    shape = tuple(int(s) for s in record["x_shape"])
-    x = torch.from_numpy(np.frombuffer(record["x"], dtype=np.float32).copy()).reshape(shape)
-    return GroundTruth(x, torch.tensor(list(record["y"]), dtype=torch.int64))
-
-
-class AuditFailed(Exception):
-    """A client's audit mod could not capture its batch (the client trained and replied all the same)."""
-
 
 # --- what the server is assumed to know ----------------------------------------------------------------------
 
@@ -152,6 +125,19 @@ class ThreatModel:
     def personal(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.personal_layers)
 
+    def meta(self, mode: str, input_shape: tuple[int, ...], num_classes: int, *, batch_size: int | None = None,
+             num_examples: int | None = None, labels: Tensor | None = None, lr: float | None = None) -> TrainMeta:
+        """The training facts this threat model grants the attacker of one update in `mode` (the one place that
+        turns a threat model into a `TrainMeta`). batch_size: the batch the reply states (used only when the batch
+        size is granted); lr: this round's learning rate, as sent (else the threat model's)."""
+        batch_size = batch_size if (batch_size is not None and self.batch_size) else self.batch_size
+        steps, distinct = self.training(mode, batch_size, num_examples)
+        return TrainMeta(mode=mode, input_shape=tuple(input_shape), num_classes=num_classes,
+                         normalization=self.normalization, batch_size=batch_size, local_steps=steps,
+                         lr=lr if lr is not None else self.lr, num_examples=num_examples, labels=labels,
+                         local_epochs=self.local_epochs if mode == "fedavg" else None, distinct_samples=distinct,
+                         optimizer=Optimizer(self.optimizer, self.momentum, self.weight_decay))
+
 
 # --- records ---------------------------------------------------------------------------------------------------
 
@@ -216,8 +202,6 @@ Scorer = Callable[[Reconstruction, GroundTruth, TrainMeta], Any]
 def make_scorer(recovered_ssim: float | None = None) -> Scorer:
     """The scorer: `fedsim.metrics.score` in pixel space, `recovered` at SSIM >= `recovered_ssim` (metrics'
     default when None). A reconstruction with `stats["failed"]` (the attack raised) scores as returning nothing."""
-    from fedsim.metrics import RECOVERED_SSIM, score
-
     threshold = RECOVERED_SSIM if recovered_ssim is None else recovered_ssim
 
     def scorer(recon: Reconstruction, truth: GroundTruth, meta: TrainMeta) -> Any:
@@ -291,8 +275,6 @@ class CuriousStrategy(Strategy):
         self.seed = seed
         self._writer = None
         if recorder is None and output is not None:
-            from fedsim.results import ResultsWriter, RunRecorder
-
             self._writer = ResultsWriter(output)
             recorder = RunRecorder(self._writer, run_info={"seed": seed}, rounds=1, grid_clients=2)
         self.recorder = recorder if recorder is not None else MemoryRecorder()
@@ -609,7 +591,7 @@ class CuriousStrategy(Strategy):
         chosen = [r for r in healthy if _targeted(self._client_of(r), self.targets)]
         chosen.sort(key=self._client_of)
         if self.sample is not None and len(chosen) > self.sample:
-            rng = np.random.default_rng([self.seed, server_round, 0x5A])
+            rng = round_rng(self.seed, server_round, SAMPLE_TARGETS_STREAM)
             keep = sorted(rng.choice(len(chosen), self.sample, replace=False).tolist())
             chosen = [chosen[i] for i in keep]
         return chosen
@@ -682,14 +664,8 @@ class CuriousStrategy(Strategy):
             if "num-examples" in record and num_examples is None:
                 num_examples = int(record["num-examples"])
         labels = truth.labels.clone() if (t.grant_labels and truth is not None) else None
-        batch_size = batch_size if (batch_size is not None and t.batch_size) else t.batch_size
-        steps, distinct = t.training(mode, batch_size, num_examples)
-        return TrainMeta(mode=mode, input_shape=input_shape, num_classes=t.num_classes or _infer_classes(model),
-                         normalization=t.normalization, batch_size=batch_size, local_steps=steps,
-                         lr=self._lr.get(server_round, t.lr),
-                         num_examples=num_examples, labels=labels,
-                         local_epochs=t.local_epochs if mode == "fedavg" else None, distinct_samples=distinct,
-                         optimizer=Optimizer(t.optimizer, t.momentum, t.weight_decay))
+        return t.meta(mode, input_shape, t.num_classes or _infer_classes(model), batch_size=batch_size,
+                      num_examples=num_examples, labels=labels, lr=self._lr.get(server_round))
 
     def _check_normalization(self, inputs: Tensor, meta: TrainMeta, source: str) -> None:
         """Warn once when images in model space contradict the threat model's normalisation (a wrong one makes
@@ -854,8 +830,6 @@ def _infer_classes(model: nn.Module) -> int:
 
 
 def _infer_input(model: nn.Module) -> tuple[int, ...]:
-    from fedsim.models.inspect import first_layer
-
     layer = first_layer(model).module
     if isinstance(layer, nn.Linear):
         return (layer.in_features,)

@@ -39,6 +39,11 @@ from torch import Tensor
 EXACT_TOLERANCE = 1e-3
 RECOVERED_SSIM = 0.9  # default SSIM at or above which a sample counts as recovered (a reader would recognise it)
 IDENTIFIED_SLACK = 1e-10  # relative squared distance under which a partition sample is the true sample itself
+# The metric columns, named once: what each attack row of results.jsonl carries from its `Scores` (in this order),
+# and the headline metrics a study averages per job and trackers log per round.
+SCORE_COLUMNS = ("identified", "exact", "recovered", "psnr", "ssim", "mse", "label_acc", "label_set_acc", "matched",
+                 "batch", "recovered_ssim")
+HEADLINE_METRICS = ("identified", "exact", "recovered", "psnr", "ssim", "label_acc")
 PSNR_CAP = 100.0  # dB; an exact reconstruction has MSE ~0, so PSNR is capped to stay finite in averages and JSON
 
 
@@ -69,7 +74,9 @@ def psnr(x: Tensor, y: Tensor, data_range: float = 1.0) -> Tensor:
 
 def ssim(x: Tensor, y: Tensor) -> Tensor:
     """Per-sample SSIM of (b, C, H, W) images in [0, 1] (Gaussian window: 11 px, sigma 1.5; smaller for tiny images)."""
-    from torchmetrics.functional.image import structural_similarity_index_measure
+    from torchmetrics.functional.image import (
+        structural_similarity_index_measure,  # heavy: torchmetrics loads only when SSIM is computed
+    )
 
     side = min(x.shape[-2:])
     kernel = min(11, side if side % 2 == 1 else side - 1)

@@ -25,23 +25,36 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from fedsim.console import study_markdown
-from fedsim.results import (CONFIG_FILE, GRID_DIR, RESULTS_FILE, ROUNDS_FILE, STATUS_FILE, read_jsonl,
-                            read_status, run_state)
+from fedsim.metrics import HEADLINE_METRICS, SCORE_COLUMNS
+from fedsim.page import render_page
+from fedsim.plots import make_plots
+from fedsim.results import (
+    CONFIG_FILE,
+    GRID_DIR,
+    RESULTS_FILE,
+    ROUNDS_FILE,
+    STATUS_FILE,
+    read_jsonl,
+    read_status,
+    run_state,
+)
 
 REPORT_DIR = "report"
 STATUSES = ("complete", "running", "incomplete", "failed", "invalid")
 # Columns of results.jsonl attack rows that describe the record itself rather than measure the attack.
 RECORD_KEYS = ("attack", "defense", "seed", "mode", "batch_size", "round", "client")
-METRICS = ("identified", "exact", "recovered", "recovered_ssim", "psnr", "ssim", "mse", "label_acc", "label_set_acc", "certified",
-           "matched", "returned", "batch", "matching_loss", "seconds", "error")
+METRICS = SCORE_COLUMNS + ("certified", "returned", "matching_loss", "seconds", "error")
 ROUND_FIXED = ("round", "seconds", "faults", "defense", "seed", "mode", "batch_size", "skipped", "sent",
                "received", "healthy")
 
@@ -85,8 +98,6 @@ def find_job_dirs(root: str | os.PathLike) -> list[Path]:
 
 def _natural_key(path: Path) -> list:
     """Sort job 10 after job 9."""
-    import re
-
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
 
 
@@ -103,8 +114,6 @@ def parse_overrides(lines: list[str]) -> dict[str, Any]:
     Keys lose their `+`/`++` prefix; deletions (`~key`) and Hydra's own keys are left out; lists and dicts keep
     the text after `=` (e.g. `model.widths` -> "[64,64]").
     """
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     parser = OverridesParser.create()
     out: dict[str, Any] = {}
     for line in lines:
@@ -199,7 +208,7 @@ def _short(value: Any) -> str:
 
 def tidy_table(jobs: list[Job]):
     """One row per run x round x client x attack (a job without attack records gets one row with its status)."""
-    import pandas as pd
+    import pandas as pd  # heavy: pandas loads only when a table is built
 
     keys = swept_keys(jobs)
     rows = []
@@ -262,7 +271,7 @@ def _with_strength(df):
     Candidates are the `defense.<knob>` overrides and the `defense_<knob>` columns the defense reports; the one
     that takes more than one value among that defense's jobs wins (overrides first).
     """
-    import pandas as pd
+    import pandas as pd  # heavy: pandas loads only when a table is built
 
     df = df.copy()
     df["strength"] = math.nan
@@ -297,7 +306,7 @@ def _ordered(df, override_keys: list[str]):
 
 def _typed(df):
     """Each column one type, so Parquet can hold it: numbers stay numbers, anything mixed becomes text."""
-    import pandas as pd
+    import pandas as pd  # heavy: pandas loads only when a table is built
 
     df = df.copy()
     for col in df.columns:
@@ -315,7 +324,7 @@ def _typed(df):
 
 def runs_table(jobs: list[Job], tidy=None):
     """One row per job: status, overrides, rounds done, final accuracy, mean attack success, error."""
-    import pandas as pd
+    import pandas as pd  # heavy: pandas loads only when a table is built
 
     tidy = tidy if tidy is not None else tidy_table(jobs)
     keys = swept_keys(jobs)
@@ -326,7 +335,7 @@ def runs_table(jobs: list[Job], tidy=None):
                "final_accuracy": final_accuracy(_final_round(job)),
                "faults": sum(1 for r in job.results if r.get("kind") == "fault")}
         part = tidy[tidy["run"] == job.name] if "run" in tidy.columns else tidy.iloc[0:0]
-        for metric in ("identified", "exact", "recovered", "psnr", "ssim", "label_acc", "label_set_acc", "seconds"):
+        for metric in HEADLINE_METRICS + ("label_set_acc", "seconds"):
             if metric in part.columns:
                 values = pd.to_numeric(part[metric], errors="coerce").dropna()
                 row[f"mean_{metric}"] = float(values.mean()) if len(values) else None
@@ -362,11 +371,6 @@ class Report:
 def write_report(root: str | os.PathLike, out: str | os.PathLike | None = None, *, embed: bool = False,
                  title: str | None = None) -> Report:
     """Collect every job under `root` and write the tables, plots, grids and index.html into `out`."""
-    import shutil
-
-    from experiments.page import render_page
-    from experiments.plots import make_plots
-
     root = Path(root).resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a directory")
@@ -420,8 +424,6 @@ def _title(root: Path, jobs: list[Job]) -> str:
 
 
 def _slug(name: str) -> str:
-    import re
-
     return re.sub(r"[^A-Za-z0-9._=-]+", "_", name).strip("_") or "run"
 
 

@@ -20,17 +20,21 @@ from __future__ import annotations
 
 import fcntl
 import json
-from collections import defaultdict
 import math
 import os
 import shutil
 import socket
 import time
+from collections import defaultdict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from fedsim.errors import ConfigError, RunDirInUse
+from fedsim.metrics import EXACT_TOLERANCE, SCORE_COLUMNS, match, relative_error
+from fedsim.processes import process_alive
 
 SYNC_SECONDS = 1.0  # while a run goes, lines are synced to disk at most this often
 
@@ -49,8 +53,6 @@ def lock_run_dir(directory: str | os.PathLike) -> None:
 
     Raises RunDirInUse, naming the holder's pid, when another process holds it. Never writes anything into a
     directory it cannot lock."""
-    from fedsim.errors import RunDirInUse
-
     path = Path(directory).absolute()
     if path in _held:
         return
@@ -117,8 +119,6 @@ class ResultsWriter:
             probe.write_text("")
             probe.unlink()
         except OSError as err:
-            from fedsim.errors import ConfigError
-
             raise ConfigError("hydra.run.dir", str(self.dir), f"a writable directory ({err.strerror})") from None
         for name in (RESULTS_FILE, ROUNDS_FILE):
             (self.dir / name).unlink(missing_ok=True)
@@ -204,22 +204,6 @@ def run_state(directory: str | os.PathLike) -> str:
     return "running" if process_alive(status.get("pid"), status.get("host")) else "incomplete"
 
 
-def process_alive(pid: Any, host: str | None = None) -> bool:
-    """Whether the run's process still runs. On another machine (`host`) it cannot be told: taken as alive."""
-    if host is not None and host != socket.gethostname():
-        return True
-    try:
-        os.kill(int(pid), 0)
-    except (TypeError, ValueError, ProcessLookupError, OverflowError):
-        return False
-    except PermissionError:  # alive, owned by someone else
-        return True
-    try:  # a zombie (killed, not yet reaped by its parent) still answers kill(pid, 0)
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return True
-
-
 def save_grid(path: str | os.PathLike, originals: torch.Tensor | None, reconstructions: torch.Tensor | None,
               title: str, captions: list[str] | None = None) -> None:
     """Originals (top row) above their matched reconstructions (bottom row). Pixels (b, C, H, W) in [0, 1].
@@ -228,10 +212,10 @@ def save_grid(path: str | os.PathLike, originals: torch.Tensor | None, reconstru
     `originals` (no ground truth) the reconstructions are drawn alone, in the attack's order. Each row of up to
     16 images is one mosaic (one Axes per row, not per image: a grid of 32 images draws in ~0.2 s, not ~2 s).
     """
-    import matplotlib
+    import matplotlib  # heavy: matplotlib loads only when a figure is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: matplotlib loads only when a figure is drawn
 
     rows = [("original", originals, None), ("recovered", reconstructions, captions)]
     if originals is None:
@@ -281,7 +265,7 @@ def _show_strip(ax, images: torch.Tensor, cols: int, captions: list[str] | None)
 
 
 def _finish(fig, path: str | os.PathLike, title: str) -> None:
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: matplotlib loads only when a figure is drawn
 
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -311,8 +295,7 @@ class RunRecorder:
         recon, scores = record.reconstruction, record.scores
         row = {"kind": "attack", "round": record.round, "client": record.client, "attack": record.attack,
                **self.info}
-        for key in ("identified", "exact", "recovered", "psnr", "ssim", "mse", "label_acc", "label_set_acc", "matched",
-                    "batch", "recovered_ssim"):
+        for key in SCORE_COLUMNS:
             row[key] = getattr(scores, key) if scores is not None else None
         row["certified"] = recon.certified if recon is not None else None
         row["matching_loss"] = recon.matching_loss if recon is not None else None
@@ -385,8 +368,6 @@ class RunRecorder:
                   " (no ground truth)")
 
     def _grid(self, record, truth, meta) -> None:
-        from fedsim.metrics import EXACT_TOLERANCE, match, relative_error
-
         norm = meta.normalization
         truth_px = norm.to_pixels(truth.inputs)
         recon = record.reconstruction

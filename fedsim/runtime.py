@@ -16,8 +16,7 @@ import os
 import random
 import threading
 import time
-import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from uuid import uuid4
@@ -29,59 +28,15 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedsim.config import _plain, build_config, knob
-from fedsim.registry import Registry
+from fedsim.config import RUNTIMES, NodesConfig, register_runtime, runtime_config
+from fedsim.console import quiet_flower  # noqa: F401  (re-exported)
+from fedsim.errors import ConfigError
+from fedsim.protocol import KEY_SEED, PARTITION_KEY, PARTITIONS_KEY, SIMULATED_KEY
+from fedsim.schema import knob
 
 log = logging.getLogger("fedsim")
 
-INLINE_ACTIVE = False  # True while an in-process (inline) federation runs a client: it is a simulation
-_active_calls = 0
-_active_lock = threading.Lock()
-
-
-@dataclass(frozen=True)
-class RuntimeSpec:
-    Config: type
-    launch: Callable[..., None]
-    simulated: bool = True     # clients are virtual nodes this process creates (the default of `audit`)
-
-
-RUNTIMES: Registry[RuntimeSpec] = Registry("runtime")
-
-
-def register_runtime(name: str, config: type, *, simulated: bool = True):
-    def decorator(fn):
-        RUNTIMES.register(name)(RuntimeSpec(config, fn, simulated))
-        return fn
-
-    return decorator
-
-
-def runtime_config(node: Any) -> tuple[str, Any]:
-    values = dict(_plain(node) or {})
-    name = values.get("name", "inline")
-    spec = RUNTIMES.get(name, key="runtime.name")
-    return name, build_config(spec.Config, values, "runtime", ignore=("name",))
-
-
 # --- what each simulated SuperNode holds of its own ---------------------------------------------------------------
-
-KEY_SEED = "fedsim-key-seed"  # node config: seed of this node's private key-lock key (never sent by the server)
-
-
-@dataclass(frozen=True)
-class NodesConfig:
-    """What the simulated SuperNodes hold of their own (`nodes.*`). The server never sends it: it is not in the
-    configuration clients receive, as a real SuperNode's `--node-config` is not."""
-
-    key_seed: int | None = knob(0, ge=0, help="seed of the nodes' private key-lock keys (each node mixes in its "
-                                              "partition id; reproducible runs); null: each node draws its own "
-                                              "from OS randomness")
-
-
-def nodes_config(node: Any) -> NodesConfig:
-    return build_config(NodesConfig, _plain(node) or {}, "nodes")
-
 
 def node_configs(cfg: NodesConfig, clients: int) -> dict[int, dict]:
     """partition id -> what that simulated node adds to its node config."""
@@ -90,17 +45,28 @@ def node_configs(cfg: NodesConfig, clients: int) -> dict[int, dict]:
     return {pid: {KEY_SEED: cfg.key_seed} for pid in range(clients)}  # a client mixes in its partition id
 
 
-def launch(run_config: dict, runtime_node: Any, *, clients: int, nodes: NodesConfig = NodesConfig()) -> None:
-    """Run fedsim's ServerApp and ClientApp on the configured runtime with `run_config` as the app's run config;
-    simulated node i gets `node_configs(nodes, clients)[i]` in its node config."""
-    from fedsim.client_app import app as client_app
-    from fedsim.server_app import app as server_app
-
+def launch(server_app: ServerApp, client_app: ClientApp, run_config: dict, runtime_node: Any, *, clients: int,
+           nodes: NodesConfig = NodesConfig()) -> None:
+    """Run `server_app` and `client_app` (fedsim's: `fedsim.server_app.app`, `fedsim.client_app.app`) on the
+    configured runtime with `run_config` as the app's run config; simulated node i gets `node_configs(nodes,
+    clients)[i]` in its node config. A runtime receives the apps it runs; it never imports them."""
     name, config = runtime_config(runtime_node)
     spec = RUNTIMES.get(name)
     if spec.simulated:
         client_app = with_node_config(client_app, node_configs(nodes, clients))
     spec.launch(config, server_app, client_app, run_config, clients)
+
+
+def with_run_config(server_app: ServerApp, run_config: Mapping[str, Any]) -> ServerApp:
+    """A ServerApp that runs `server_app` with `run_config` added to its Context (for runtimes without one)."""
+    wrapper = ServerApp()
+
+    @wrapper.main()
+    def _main(grid: Grid, context: Context) -> None:
+        context.run_config.update(run_config)
+        server_app(grid, context)
+
+    return wrapper
 
 
 def with_node_config(client_app: ClientApp, extra: dict[int, dict]) -> ClientApp:
@@ -122,16 +88,6 @@ def with_node_config(client_app: ClientApp, extra: dict[int, dict]) -> ClientApp
     wrapper.evaluate()(delegate)
     wrapper.query()(delegate)
     return wrapper
-
-
-def quiet_flower(verbose: bool) -> None:
-    """Flower logs every message at INFO; keep warnings only unless `verbose`."""
-    logger = logging.getLogger("flwr")
-    logger.setLevel(logging.INFO if verbose else logging.WARNING)
-    logger.propagate = False  # Hydra would print every line twice
-    if not verbose:
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", message=".*deprecated.*")
 
 
 # --- inline: an in-memory Grid -----------------------------------------------------------------------------------
@@ -163,8 +119,10 @@ class InlineGrid(Grid):
         self.contexts: dict[int, Context] = {}
         for pid in range(num_nodes):
             node_id = rng.getrandbits(63)
+            # the node config says what a node is: partition `pid` of `num_nodes`, on a virtual node (a simulation)
             self.contexts[node_id] = Context(run_id=self.run_id, node_id=node_id,
-                                             node_config={"partition-id": pid, "num-partitions": num_nodes},
+                                             node_config={PARTITION_KEY: pid, PARTITIONS_KEY: num_nodes,
+                                                          SIMULATED_KEY: True},
                                              state=RecordDict(), run_config=dict(run_config or {}))
         self._replies: dict[str, Message] = {}
         self._run = Run.create_empty(run_id=self.run_id)
@@ -217,31 +175,14 @@ class InlineGrid(Grid):
         if context is None:
             reply = Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="unknown node"), reply_to=instruction)
         else:
-            _enter_client()
             try:
                 reply = self.client_app(instruction, context)
             except Exception as err:  # a client's exception is its reply, as on Flower's engines
                 reason = f"{type(err)}:<'{err}'>"
                 reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
                                 reply_to=instruction)
-            finally:
-                _leave_client()
         reply.metadata.__dict__["_message_id"] = str(uuid4())
         return reply
-
-
-def _enter_client() -> None:
-    global INLINE_ACTIVE, _active_calls
-    with _active_lock:
-        _active_calls += 1
-        INLINE_ACTIVE = True
-
-
-def _leave_client() -> None:  # a client left behind by a timeout may finish while another runs
-    global INLINE_ACTIVE, _active_calls
-    with _active_lock:
-        _active_calls -= 1
-        INLINE_ACTIVE = _active_calls > 0
 
 
 @register_runtime("inline", InlineConfig)
@@ -285,7 +226,7 @@ def launch_ray(config: RayConfig, server_app: ServerApp, client_app: ClientApp, 
         # Ray binds its gRPC servers to all interfaces unless its node address is loopback, and turns a given
         # 127.0.0.1 into the LAN address unless it runs in single-machine mode (the default on macOS/Windows).
         os.environ.setdefault(_RAY_CLUSTER_ENV, "0")
-    from flwr.simulation import run_simulation
+    from flwr.simulation import run_simulation  # heavy: Flower's simulation engine (Ray) loads only for runtime=ray
 
     if config.node_ip == LOOPBACK and _ray_cluster_mode():
         log.warning("ray was imported before runtime=ray set %s=0: its processes listen on all interfaces "
@@ -294,8 +235,6 @@ def launch_ray(config: RayConfig, server_app: ServerApp, client_app: ClientApp, 
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     cpus = config.cpus or os.cpu_count() or 1
     if config.client_cpus > cpus:
-        from fedsim.errors import ConfigError
-
         raise ConfigError("runtime.client_cpus", config.client_cpus, f"at most runtime.cpus={cpus}")
     backend_config = {
         "client_resources": {"num_cpus": config.client_cpus, "num_gpus": config.client_gpus},
@@ -311,7 +250,7 @@ def launch_ray(config: RayConfig, server_app: ServerApp, client_app: ClientApp, 
 
 
 def _ray_cluster_mode() -> bool:
-    from ray._private import ray_constants
+    from ray._private import ray_constants  # heavy: Ray loads only for runtime=ray
 
     return bool(ray_constants.ENABLE_RAY_CLUSTER)
 
@@ -329,8 +268,6 @@ def _on_ray(server_app: ServerApp, run_config: dict, pull_interval: float) -> Se
 
     Flower's default (0.1 s) rounds every round up to a tenth of a second, which is most of a small round.
     """
-    from fedsim.server_app import with_run_config
-
     inner = with_run_config(server_app, run_config)
     wrapper = ServerApp()
 
@@ -342,5 +279,3 @@ def _on_ray(server_app: ServerApp, run_config: dict, pull_interval: float) -> Se
 
     return wrapper
 
-
-import fedsim.deployment  # noqa: E402,F401  (registers runtime=deployment)

@@ -3,6 +3,8 @@
 The app reads the run's configuration from its run config (`fedsim-config`: YAML; `fedsim-output`: the run
 directory), so the same object runs in-process, on Ray's simulation engine and under `flwr run` on a SuperLink.
 `run_federation` holds the whole server side and is what every runtime ends up calling.
+
+Layer: the federation; the runtimes receive this app (they never import it).
 """
 
 from __future__ import annotations
@@ -13,22 +15,36 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 import yaml
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from attacks.base import build_attack
 from defenses.base import build_defense
-from fedsim.client_app import AUDIT_FLAG, CONFIG_KEY
-from fedsim.config import RunConfig, validate
+from fedsim.config import RunConfig, threat_model, validate
+from fedsim.console import RunConsole, quiet_flower
+from fedsim.data import load_dataset
+from fedsim.data.partition import partition
 from fedsim.errors import FedsimError
-from fedsim.hook import CLIENT_KEY, CuriousStrategy, ThreatModel, make_scorer
+from fedsim.faults import LossyGrid
+from fedsim.grids import TimeoutGrid
+from fedsim.hook import CuriousStrategy, make_scorer
+from fedsim.models import build_model
+from fedsim.protocol import (
+    AGGREGATE_CLIENT,
+    AUDIT_FLAG,
+    CLIENT_KEY,
+    CONFIG_KEY,
+    OUTPUT_KEY,
+    PROGRESS_KEY,
+    RUN_CONFIG_KEY,
+)
 from fedsim.results import ResultsWriter, RunRecorder
+from fedsim.strategy import FedsimStrategy
+from fedsim.training import evaluate
 
 log = logging.getLogger("fedsim")
-
-RUN_CONFIG_KEY = "fedsim-config"
-OUTPUT_KEY = "fedsim-output"
 
 app = ServerApp()
 
@@ -39,24 +55,10 @@ def main(grid: Grid, context: Context) -> None:
     if not config_yaml:
         raise FedsimError(f"run config '{RUN_CONFIG_KEY}' is empty: start runs with the fedsim CLI "
                           "(fedsim runtime=deployment ...), which passes the composed configuration")
-    from fedsim.runtime import quiet_flower
-
     output = str(context.run_config.get(OUTPUT_KEY, "") or "outputs/flwr-run")
     run = validate(yaml.safe_load(config_yaml))
     quiet_flower(run.verbose)  # under flwr run this is a process of its own
-    run_federation(grid, run, output, show_progress=bool(context.run_config.get("fedsim-progress", True)))
-
-
-def with_run_config(server_app: ServerApp, run_config: Mapping[str, Any]) -> ServerApp:
-    """A ServerApp that runs `server_app` with `run_config` added to its Context (for runtimes without one)."""
-    wrapper = ServerApp()
-
-    @wrapper.main()
-    def _main(grid: Grid, context: Context) -> None:
-        context.run_config.update(run_config)
-        server_app(grid, context)
-
-    return wrapper
+    run_federation(grid, run, output, show_progress=bool(context.run_config.get(PROGRESS_KEY, True)))
 
 
 def wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
@@ -107,14 +109,6 @@ def discover_partitions(grid: Grid, nodes: list[int], clients: int, timeout: flo
 
 def run_federation(grid: Grid, run: RunConfig, output: str, *, show_progress: bool = True) -> dict:
     """Run the whole federation on `grid`; results go to the directory `output`. Returns the last round's row."""
-    from fedsim.console import RunConsole
-    from fedsim.data import load_dataset
-    from fedsim.faults import LossyGrid
-    from fedsim.grids import TimeoutGrid
-    from fedsim.models import build_model
-    from fedsim.strategy import FedsimStrategy
-    from fedsim.training import evaluate
-
     config_yaml = yaml.safe_dump(_shippable(run.raw), sort_keys=False)   # what clients receive
     writer = ResultsWriter(output)
     writer.start(yaml.safe_dump({k: v for k, v in run.raw.items() if k != "hydra"}, sort_keys=False), run.fl.rounds)
@@ -146,12 +140,7 @@ def run_federation(grid: Grid, run: RunConfig, output: str, *, show_progress: bo
             clients_per_round=run.fl.clients_per_round,
             buffers=[name for name in server_model.state_dict() if name not in parameters])
         strategy = defense.wrap_strategy(sampler)
-        t = run.threat
-        threat = ThreatModel(
-            mode=run.fl.mode, batch_size=run.fl.batch_size if t.batch_size else None,
-            local_steps=run.fl.local_steps if t.local_steps else None, lr=run.fl.lr if t.lr else None,
-            input_shape=bundle.input_shape, num_classes=bundle.num_classes, normalization=bundle.normalization,
-            grant_labels=t.labels)
+        threat = threat_model(run, bundle)
         sample_rate = (run.fl.clients_per_round or run.fl.clients) / run.fl.clients
         eval_model = model_fn()
         last: dict = {}
@@ -210,11 +199,6 @@ def run_federation(grid: Grid, run: RunConfig, output: str, *, show_progress: bo
 def partition_inputs(bundle: Any, run: RunConfig):
     """client id -> its training partition's inputs (model space), for the scorer's `identified`; the aggregate's
     pseudo-client gets every client's. The same split the clients make (`fedsim.client_app.ClientPlan`)."""
-    import torch
-
-    from fedsim.data.partition import partition
-    from fedsim.hook import AGGREGATE_CLIENT
-
     parts = [torch.as_tensor(p) for p in partition(bundle.train_y, run.fl.clients, run.partition, run.seed)]
 
     def inputs(client: int):

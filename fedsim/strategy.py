@@ -17,7 +17,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedsim.arrays import to_numpy, to_state_dict
-from fedsim.hook import CLIENT_KEY
+from fedsim.protocol import CLIENT_KEY
+from fedsim.seeds import SAMPLE_CLIENTS_STREAM, round_rng
 
 
 def partition_of_reply(reply: Message, partition_of: Mapping[int, int]) -> int:
@@ -73,7 +74,7 @@ class FedsimStrategy(FedAvg):
         k = self.clients_per_round or len(partitions)
         if k >= len(partitions):
             return partitions
-        rng = np.random.default_rng([self.seed, server_round, 0x5E])
+        rng = round_rng(self.seed, server_round, SAMPLE_CLIENTS_STREAM)
         return sorted(int(p) for p in rng.choice(partitions, size=k, replace=False))
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

@@ -16,10 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-def seed_for(*parts: int) -> int:
-    """A 63-bit seed derived from integers (seed, round, client, ...): independent streams per tuple."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
+from fedsim.seeds import seed_for  # noqa: F401  (re-exported: local training's streams)
 
 
 @contextlib.contextmanager

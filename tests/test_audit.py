@@ -6,7 +6,7 @@ import pytest
 import torch
 from flwr.simulation import run_simulation
 
-from fedsim.server_app import with_run_config
+from fedsim.runtime import with_run_config
 from tests.userapp.client_app import app as plain_client, audited_app
 from tests.userapp.server_app import app as user_server
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
 from defenses.keylock import KeyLock, KeyLockBlock, KeyLockDefense, is_private, keylock_mod, shared
+from fedsim.client_app import client_plan
 from fedsim.models import build_model
 from fedsim.training import single_thread
 
@@ -93,8 +94,9 @@ def test_keylock_mod_restores_the_private_layers_on_download_and_strips_them_fro
                                    CLIENT_KEY: ConfigRecord({"partition-id": 2, "buffers": buffers})}), reply_to=msg)
 
     global_state = server.state_dict()
-    first = keylock_mod(_train_message(global_state, config_yaml, 1), context, handler)
-    second = keylock_mod(_train_message(global_state, config_yaml, 2), context, handler)
+    plan = client_plan(config_yaml)  # what the client app hands a defense's mod: the run, as this client holds it
+    first = keylock_mod(_train_message(global_state, config_yaml, 1), context, handler, plan)
+    second = keylock_mod(_train_message(global_state, config_yaml, 2), context, handler, plan)
     for reply in (first, second):
         sent = reply.content["arrays"].to_torch_state_dict()
         assert set(sent) == set(global_state) and not any(is_private(k) for k in sent)
@@ -366,7 +368,7 @@ def _first_key(node_config: dict, *overrides: str, attacker: str = "no_key"):
         return Message(RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord({"num-examples": 1}),
                                    CLIENT_KEY: ConfigRecord({"partition-id": 1, "buffers": []})}), reply_to=msg)
 
-    reply = keylock_mod(_train_message(server.state_dict(), config_yaml, 1), context, handler)
+    reply = keylock_mod(_train_message(server.state_dict(), config_yaml, 1), context, handler, client_plan(config_yaml))
     return seen[0], GRANT_KEY in reply.content
 
 

@@ -161,7 +161,7 @@ def test_the_page_renders_in_headless_chromium_with_every_plot_and_grid(report, 
 
 
 def test_a_defense_strength_is_the_knob_that_varies_and_the_frontier_keeps_undominated_settings():
-    from experiments.plots import pareto_front
+    from fedsim.plots import pareto_front
     from fedsim.report import _with_strength
 
     df = pd.DataFrame({"run": ["a", "b", "c", "d", "d"], "defense": ["none", "noise", "noise", "pruning", "pruning"],
@@ -205,14 +205,14 @@ def _rows(**columns):
     (None, "failed", "failed"),
 ])
 def test_findings_say_why_nothing_leaked(rows, status, expected):
-    from experiments.page import verdict
+    from fedsim.page import verdict
 
     kind, why = verdict(rows, status, "keylock_spear needs a Linear" if status != "complete" else None)
     assert kind == expected and why
 
 
 def test_an_attack_that_always_raised_gets_no_plot_and_a_note_saying_so(tmp_path):
-    from experiments.plots import make_plots
+    from fedsim.plots import make_plots
 
     df = _rows(run=["a", "a", "b", "b"], label=["x", "x", "y", "y"], attack=["spear", "spear", "other", "other"],
                defense=["none"] * 4, round=[1, 2, 1, 2], identified=[0.0, 0.0, 1.0, 1.0], exact=[0.0, 0.0, 1.0, 1.0],

@@ -10,6 +10,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from omegaconf import OmegaConf
 
 from fedsim.client_app import AUDIT_FLAG, CONFIG_KEY
+from fedsim.protocol import SIMULATED_KEY
 from fedsim.client_app import app as client_app
 from fedsim.hook import AUDIT_KEY
 from tests.conftest import fedsim_run
@@ -82,7 +83,8 @@ def _train_reply(node_config: dict, *, simulated: bool):
                   dst_node_id=node, message_type=MessageType.TRAIN)
     if simulated:
         (reply,) = grid.send_and_receive([msg])
-    else:
+    else:  # a SuperNode: its node config does not say it is simulated
+        grid.contexts[node].node_config.pop(SIMULATED_KEY)
         msg.metadata.__dict__["_message_id"] = "instruction"
         reply = client_app(msg, grid.contexts[node])
     assert not reply.has_error(), reply.error.reason

@@ -16,7 +16,6 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from fedsim.config import _plain, build_config
 from fedsim.registry import Registry
 from fedsim.threat import Normalization
 
@@ -61,10 +60,8 @@ def register_dataset(name: str, config: type) -> Callable[[Callable[[Any], DataB
 
 def data_config(node: Any, prefix: str = "data") -> tuple[str, Any]:
     """Validate a `data` config node: (name, typed config)."""
-    values = dict(_plain(node) or {})
-    name = values.get("name")
-    spec = DATASETS.get(name, key=f"{prefix}.name")
-    return name, build_config(spec.Config, values, prefix, ignore=("name",))
+    name, _, config = DATASETS.build(node, prefix)
+    return name, config
 
 
 def load_dataset(node: Any) -> DataBundle:

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fedsim.config import knob
 from fedsim.data import DataBundle, channel_stats, normalize_images, register_dataset, stratified_split
 from fedsim.errors import ConfigError
+from fedsim.schema import knob
 from fedsim.threat import Normalization
 
 # Victim photographs (the classes of `patches`), all RGB.
@@ -34,17 +34,17 @@ _MATPLOTLIB_PHOTOS = ("grace_hopper",)
 def load_photo(name: str) -> np.ndarray:
     """A bundled photograph as float32 (H, W, 3) in [0, 1]."""
     if name in _SKLEARN_PHOTOS:
-        from sklearn.datasets import load_sample_image
+        from sklearn.datasets import load_sample_image  # heavy: scikit-learn loads only for its embedded dataset
 
         img = load_sample_image(f"{name}.jpg")
     elif name in _MATPLOTLIB_PHOTOS:
-        from matplotlib.cbook import get_sample_data
-        from PIL import Image
+        from matplotlib.cbook import get_sample_data  # heavy: matplotlib loads only when a figure is drawn
+        from PIL import Image  # heavy: Pillow loads only to read images
 
         with get_sample_data(f"{name}.jpg") as handle:
             img = np.asarray(Image.open(handle).convert("RGB"))
     else:
-        import skimage.data
+        import skimage.data  # heavy: scikit-image loads only for its embedded photographs
 
         if name == "motorcycle_left":
             img = skimage.data.stereo_motorcycle()[0]
@@ -109,7 +109,7 @@ class DigitsConfig:
 
 @register_dataset("digits", DigitsConfig)
 def load_digits(cfg: DigitsConfig) -> DataBundle:
-    from sklearn.datasets import load_digits as sk_digits
+    from sklearn.datasets import load_digits as sk_digits  # heavy: scikit-learn loads only for its embedded dataset
 
     raw = sk_digits()
     pixels = torch.from_numpy(raw.images.astype(np.float32) / 16.0)[:, None]  # (1797, 1, 8, 8)

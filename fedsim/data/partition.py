@@ -8,8 +8,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from fedsim.config import _plain, build_config, knob
 from fedsim.errors import ConfigError
+from fedsim.schema import build_config, knob, plain
 
 SCHEMES = ("iid", "dirichlet", "pathological")
 
@@ -23,7 +23,7 @@ class PartitionConfig:
 
 
 def partition_config(node) -> PartitionConfig:
-    return build_config(PartitionConfig, _plain(node) or {}, "partition")
+    return build_config(PartitionConfig, plain(node) or {}, "partition")
 
 
 def partition(labels: torch.Tensor, num_partitions: int, cfg: PartitionConfig, seed: int) -> list[np.ndarray]:
@@ -33,8 +33,12 @@ def partition(labels: torch.Tensor, num_partitions: int, cfg: PartitionConfig, s
 
 @lru_cache(maxsize=8)
 def _partition(labels: tuple[int, ...], num_partitions: int, cfg: PartitionConfig, seed: int) -> tuple[np.ndarray, ...]:
-    import datasets
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
+    import datasets  # heavy: Hugging Face datasets loads only for flwr-datasets' partitioners
+    from flwr_datasets.partitioner import (  # heavy: flwr-datasets loads only for its partitioners
+        DirichletPartitioner,
+        IidPartitioner,
+        PathologicalPartitioner,
+    )
 
     datasets.disable_progress_bars()
     n = len(labels)

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedsim.config import knob
 from fedsim.data import DataBundle, channel_stats, normalize_images, register_dataset, stratified_split
 from fedsim.errors import DatasetNotFound, DatasetUnreadable
+from fedsim.schema import knob
+from fedsim.threat import Normalization
 
 DEFAULT_ROOT = os.environ.get("FEDSIM_DATA", "~/.cache/fedsim/data")
 
@@ -47,7 +48,7 @@ def _root(root: str) -> Path:
 
 
 def _torchvision_split(name: str, cfg: TorchvisionConfig, train: bool):
-    import torchvision.datasets as tvd
+    import torchvision.datasets as tvd  # heavy: torchvision's datasets and models load only when used
 
     cls_name = _SETS[name][0]
     root = _root(cfg.root)
@@ -79,7 +80,6 @@ def _make_loader(name: str):
         x_train, x_test = _pixels(train)[: cfg.max_train], _pixels(test)[: cfg.max_test]
         y_train = torch.as_tensor(np.asarray(train.targets), dtype=torch.int64)[: cfg.max_train]
         y_test = torch.as_tensor(np.asarray(test.targets), dtype=torch.int64)[: cfg.max_test]
-        from fedsim.threat import Normalization
 
         norm = Normalization(*_SETS[name][2])
         return DataBundle(name, normalize_images(x_train, norm), y_train, normalize_images(x_test, norm), y_test,
@@ -94,8 +94,8 @@ for _name in _SETS:
 
 @register_dataset("imagefolder", ImageFolderConfig)
 def load_imagefolder(cfg: ImageFolderConfig) -> DataBundle:
-    import torchvision.datasets as tvd
-    from PIL import Image
+    import torchvision.datasets as tvd  # heavy: torchvision's datasets and models load only when used
+    from PIL import Image  # heavy: Pillow loads only to read images
 
     root = _root(cfg.root)
     if not root.is_dir():

@@ -14,8 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedsim.config import _plain, build_config, knob
+from fedsim.errors import ConfigError
 from fedsim.registry import Registry
+from fedsim.schema import knob
 
 
 @dataclass(frozen=True)
@@ -36,10 +37,8 @@ def register_model(name: str, config: type):
 
 
 def model_config(node: Any, prefix: str = "model") -> tuple[str, Any]:
-    values = dict(_plain(node) or {})
-    name = values.get("name")
-    spec = MODELS.get(name, key=f"{prefix}.name")
-    return name, build_config(spec.Config, values, prefix, ignore=("name",))
+    name, _, config = MODELS.build(node, prefix)
+    return name, config
 
 
 def build_model(node: Any, input_shape: tuple[int, ...], num_classes: int, seed: int = 0) -> nn.Module:
@@ -77,8 +76,6 @@ class FC(nn.Module):
 @register_model("fc", FCConfig)
 def _fc(cfg: FCConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     if not cfg.widths or min(cfg.widths) < 1:
-        from fedsim.errors import ConfigError
-
         raise ConfigError("model.widths", list(cfg.widths), "a non-empty list of positive widths")
     return FC(math.prod(input_shape), cfg.widths, num_classes)
 
@@ -167,7 +164,7 @@ class ResNetConfig:
 
 @register_model("resnet18", ResNetConfig)
 def _resnet18(cfg: ResNetConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    from torchvision.models import resnet18
+    from torchvision.models import resnet18  # heavy: torchvision's datasets and models load only when used
 
     _require_image("resnet18", input_shape)
     model = resnet18(weights=None, num_classes=num_classes)
@@ -181,8 +178,6 @@ def _resnet18(cfg: ResNetConfig, input_shape: tuple[int, ...], num_classes: int)
 
 
 def _require_image(name: str, input_shape: tuple[int, ...], min_side: int = 1) -> None:
-    from fedsim.errors import ConfigError
-
     if len(input_shape) != 3 or min(input_shape[1:]) < min_side:
         raise ConfigError("model.name", name, f"a model for vectors (fc): {name} needs images (C, H, W) of side "
                           f">= {min_side}, the data gives shape {tuple(input_shape)}")

@@ -14,6 +14,8 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
+from experiments.sweeps import study_jobs
+
 
 class StudySweeper(BasicSweeper):
     """Runs `params` x each arm of `arms` (see `experiments.sweeps.study_jobs`), in batches of `max_batch_size`."""
@@ -24,8 +26,6 @@ class StudySweeper(BasicSweeper):
         self.arms = arms
 
     def sweep(self, arguments: list[str]) -> Any:
-        from experiments.sweeps import study_jobs
-
         assert self.config is not None and self.launcher is not None and self.hydra_context is not None
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         jobs = study_jobs(self.params, self.arms, arguments, parser)

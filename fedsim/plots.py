@@ -26,10 +26,10 @@ NOT_SWEEP = {"seed", "round", "client", "experiment", "attack", "defense", "data
 
 
 def _plt():
-    import matplotlib
+    import matplotlib  # heavy: matplotlib loads only when a figure is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: matplotlib loads only when a figure is drawn
 
     return plt
 
@@ -37,7 +37,7 @@ def _plt():
 def _attacks(df) -> list[str]:
     """Attacks with at least one scored reconstruction from a run that did not raise (the others have nothing to
     plot: a failure scored as recovering nothing would read as a defense holding)."""
-    import pandas as pd
+    import pandas as pd  # heavy: pandas loads only when a table is built
 
     if "attack" not in df.columns:
         return []
@@ -49,7 +49,7 @@ def _attacks(df) -> list[str]:
 
 
 def _metrics(df) -> list[tuple[str, str]]:
-    import pandas as pd
+    import pandas as pd  # heavy: pandas loads only when a table is built
 
     return [(m, label) for m, label in SUCCESS
             if m in df.columns and pd.to_numeric(df[m], errors="coerce").notna().any()]
@@ -57,7 +57,7 @@ def _metrics(df) -> list[tuple[str, str]]:
 
 def per_job(df, metric: str, by: tuple[str, ...] = ()):
     """Mean of `metric` per run (over clients and rounds, or per `by`), keeping the run's descriptive columns."""
-    import pandas as pd
+    import pandas as pd  # heavy: pandas loads only when a table is built
 
     d = df.copy()
     d[metric] = pd.to_numeric(d[metric], errors="coerce")
@@ -78,7 +78,6 @@ def _over_seeds(frame, keys: list[str], metric: str):
 def make_plots(df, runs, folder: str | Path, notes: list[str] | None = None) -> list[Path]:
     """Every figure that applies to this table, as PNG files in `folder`. `notes` receives, in words, why a figure
     or an attack's panels were not drawn."""
-    import pandas as pd
 
     notes = notes if notes is not None else []
     folder = Path(folder)
@@ -146,7 +145,7 @@ def attack_per_round(df, path: Path) -> Path | None:
 
 def attack_vs_strength(df, path: Path) -> Path | None:
     """One column per defense whose strength varies; x its strength knob, y attack success, one line per attack."""
-    import pandas as pd
+    import pandas as pd  # heavy: pandas loads only when a table is built
 
     if "strength" not in df.columns:
         return None
@@ -193,7 +192,7 @@ def attack_vs_strength(df, path: Path) -> Path | None:
 
 
 def _strength_axis(ax, values) -> None:
-    import pandas as pd
+    import pandas as pd  # heavy: pandas loads only when a table is built
 
     v = pd.to_numeric(values, errors="coerce").dropna()
     positive = v[v > 0]
@@ -224,7 +223,7 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
 
 def privacy_utility(df, path: Path) -> Path | None:
     """Final test accuracy (y) against attack success (x), one point per job setting, frontier drawn."""
-    import pandas as pd
+    import pandas as pd  # heavy: pandas loads only when a table is built
 
     if "final_accuracy" not in df.columns or pd.to_numeric(df["final_accuracy"], errors="coerce").isna().all():
         return None
@@ -270,7 +269,7 @@ def privacy_utility(df, path: Path) -> Path | None:
 
 def swept_numbers(df) -> list[str]:
     """Numeric override columns that take several values and are not a defense's strength or the seed."""
-    import pandas as pd
+    import pandas as pd  # heavy: pandas loads only when a table is built
 
     out = []
     for col in df.columns:
@@ -285,7 +284,7 @@ def swept_numbers(df) -> list[str]:
 def sweep_plots(df, folder: Path) -> list[Path]:
     """For each swept number (e.g. fl.batch_size): attack success and seconds against it, one line per setting of
     the other swept keys."""
-    import pandas as pd
+    import pandas as pd  # heavy: pandas loads only when a table is built
 
     made = []
     for key in swept_numbers(df):

@@ -131,7 +131,7 @@ def verdict(rows: Any, status: str = "complete", error: str | None = None) -> tu
     `stats.budget_exhausted`) on some update, so the defense is not shown to hold. defense held: nothing
     identified by an attack that ran to its end.
     """
-    import pandas as pd
+    import pandas as pd  # heavy: pandas loads only when a table is built
 
     if status == "invalid":
         return "not applicable", f"not run, the configuration was refused: {error or 'no reason recorded'}"
@@ -166,7 +166,7 @@ def findings(tidy: Any) -> list[str]:
     """Plain sentences for the top of the page: for each attack and setting, what leaked, or why nothing did
     (defense held, attack out of budget, not applicable, failed); then, for each defense whose strength was swept,
     the identified rate at each strength."""
-    import pandas as pd
+    import pandas as pd  # heavy: pandas loads only when a table is built
 
     if tidy.empty or "run" not in tidy.columns:
         return []
