@@ -68,6 +68,8 @@ import time
 from dataclasses import dataclass, replace
 
 import torch
+import torch.fx
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attacks.base import Attack, register_attack
@@ -1277,8 +1279,6 @@ def first_linear_relu(model: nn.Module) -> tuple[str, nn.Linear]:
     flatten/reshape/view) may come before the layer. Raises AttackNotApplicable, one line, otherwise.
     """
     try:
-        import torch.fx
-
         order = _traced_leaves(torch.fx.symbolic_trace(model))
     except Exception:  # noqa: BLE001 - any tracing failure falls back to the registration order
         order = [(name, mod) for name, mod in model.named_modules() if not list(mod.children())]
@@ -1308,8 +1308,6 @@ _SHAPE_OPS = {"flatten", "reshape", "view", "contiguous"}
 
 def _traced_leaves(graph_module) -> list[tuple[str, object]]:
     """(name, module) in execution order; functional relu as `_RELU`, shape ops as None, other functions raise."""
-    import torch.nn.functional as F
-
     modules = dict(graph_module.named_modules())
     out: list[tuple[str, object]] = []
     for node in graph_module.graph.nodes:

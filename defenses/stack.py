@@ -39,7 +39,8 @@ PLACES = {"model": ("first", "it decides which layers the update holds"),
 
 @dataclass(frozen=True)
 class StackConfig:
-    steps: list[dict] = knob([{"name": "clip", "clip": 1.0}, {"name": "noise", "clip": 1.0, "sigma": 0.01}],
+    steps: list[dict] = knob([{"name": "clip", "clip": 1.0}, {"name": "pruning", "keep": 0.1},
+                              {"name": "noise", "clip": 1.0, "sigma": 0.01}],
                              help="defenses applied in this order, each {name: ..., <its knobs>}")
 
 

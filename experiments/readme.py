@@ -20,8 +20,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from experiments.sweeps import study_jobs
-from fedsim.cli import CONF_DIR
 from fedsim.console import setting_name
+from fedsim.paths import CONF_DIR
 from fedsim.report import Job, job_label, markdown_table, parse_overrides, swept_keys
 
 ROOT = Path(__file__).resolve().parent.parent

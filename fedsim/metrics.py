@@ -74,9 +74,8 @@ def psnr(x: Tensor, y: Tensor, data_range: float = 1.0) -> Tensor:
 
 def ssim(x: Tensor, y: Tensor) -> Tensor:
     """Per-sample SSIM of (b, C, H, W) images in [0, 1] (Gaussian window: 11 px, sigma 1.5; smaller for tiny images)."""
-    from torchmetrics.functional.image import (
-        structural_similarity_index_measure,  # heavy: torchmetrics loads only when SSIM is computed
-    )
+    # heavy: torchmetrics loads only when SSIM is computed
+    from torchmetrics.functional.image import structural_similarity_index_measure
 
     side = min(x.shape[-2:])
     kernel = min(11, side if side % 2 == 1 else side - 1)
