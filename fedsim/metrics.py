@@ -64,6 +64,7 @@ class Scores:
     batch: int = 0                 # true samples
     per_sample_psnr: tuple[float, ...] = ()  # in the order of the true samples (NaN when unmatched)
     per_sample_identified: tuple[bool, ...] = ()  # in the order of the true samples (empty without a partition)
+    pairs: tuple[tuple[int, int], ...] = ()  # the one matching: (reconstruction index, true sample index) per pair
 
 
 def psnr(x: Tensor, y: Tensor, data_range: float = 1.0) -> Tensor:
@@ -150,7 +151,8 @@ def score(recon_pixels: Tensor | None, truth_pixels: Tensor, *, recon_labels: Te
                   identified=sum(identified_each) / b if partition_pixels is not None else None,
                   recovered=recovered, recovered_ssim=recovered_ssim if recovered is not None else None,
                   label_acc=label_acc, label_set_acc=label_set_acc, matched=len(rows), batch=b,
-                  per_sample_psnr=tuple(per_sample), per_sample_identified=identified_each)
+                  per_sample_psnr=tuple(per_sample), per_sample_identified=identified_each,
+                  pairs=tuple(zip(rows.tolist(), cols.tolist())))
 
 
 def nearest_is_true(recon: Tensor, truth: Tensor, partition: Tensor) -> Tensor:

@@ -30,6 +30,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from fedsim.errors import ConfigError, RunDirInUse
@@ -375,7 +376,11 @@ class RunRecorder:
         captions = None
         if recon.inputs is not None and recon.inputs.shape[0] > 0:
             raw = norm.to_pixels(recon.inputs.detach().float()).reshape(recon.inputs.shape[0], *truth_px.shape[1:])
-            rows, cols = match(raw, truth_px)
+            if record.scores is not None:  # the scorer's matching, not a second one
+                rows = np.array([r for r, _ in record.scores.pairs], dtype=int)
+                cols = np.array([c for _, c in record.scores.pairs], dtype=int)
+            else:
+                rows, cols = match(raw, truth_px)
             recon_px = torch.full_like(truth_px, 0.5)
             recon_px[torch.as_tensor(cols)] = raw[torch.as_tensor(rows)]
             per = record.scores.per_sample_psnr if record.scores is not None else ()

@@ -121,3 +121,14 @@ def test_label_set_accuracy_counts_the_recovered_label_multiset_whatever_the_ima
     assert s.label_set_acc == 0.5                              # {3, 5} of {3, 3, 5, 7}
     s = score(None, truth, recon_labels=torch.tensor([7, 3, 1, 1]), truth_labels=labels)
     assert s.label_acc == s.label_set_acc == 0.5               # labels only: one multiset overlap
+
+
+def test_scores_carry_the_one_matching_the_grids_reuse():
+    from fedsim.metrics import match, score
+
+    g = torch.Generator().manual_seed(0)
+    truth = torch.rand(4, 1, 6, 6, generator=g)
+    recon = truth[[2, 0, 3]] + 0.01 * torch.rand(3, 1, 6, 6, generator=g)
+    rows, cols = match(recon, truth)
+    pairs = score(recon, truth).pairs
+    assert pairs == tuple(zip(rows.tolist(), cols.tolist())) and sorted(pairs) == [(0, 2), (1, 0), (2, 3)]
