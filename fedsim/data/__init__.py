@@ -4,6 +4,9 @@ Every dataset is loaded whole into tensors (`DataBundle`), already in the model'
 `Normalization` that maps it back to pixels in [0, 1] for display and scoring. Embedded datasets (`digits`,
 `patches`, `synthetic`) come from data shipped inside installed packages and need no download; torchvision
 datasets are read from a local root and fail with `DatasetNotFound` naming the path when absent.
+
+Layer: data and models, above the core (schema, registry, threat types); imports nothing of attacks, defenses or
+the federation.
 """
 
 from __future__ import annotations

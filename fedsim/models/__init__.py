@@ -2,6 +2,9 @@
 
 Every builder takes its typed config, the input shape of one sample and the number of classes. Initialisation is
 seeded by the caller (`build_model`), so the server and every client build the same global model.
+
+Layer: data and models, above the core; `fedsim.models.keylock` holds the key-lock block that the key-lock defense
+installs and its attacks read, so that neither imports the other.
 """
 
 from __future__ import annotations
