@@ -12,20 +12,20 @@ import sys
 import tomllib
 from pathlib import Path
 
+from fedsim import CHECKOUT_FOLDERS
+
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 
 def layout() -> dict[str, Path]:
-    """Import name of each top-level source folder as installed (pyproject's package-dir) -> the folder."""
-    setuptools = PYPROJECT["tool"]["setuptools"]
-    mapped = {name: ROOT / folder for name, folder in setuptools.get("package-dir", {}).items() if name}
-    names = [n for n in setuptools.get("packages", {}).get("find", {}).get("include", []) if "*" in n or n]
-    roots = {n.rstrip("*").rstrip(".") for n in names} | set(setuptools.get("packages", [])
-                                                              if isinstance(setuptools.get("packages"), list) else [])
-    out = {name: ROOT / name for name in roots if "." not in name and (ROOT / name / "__init__.py").is_file()}
-    out.update({name: folder for name, folder in mapped.items() if (folder / "__init__.py").is_file()})
-    out.setdefault("hydra_plugins", ROOT / "hydra_plugins")
+    """Import name of each source folder as installed -> the folder: `fedsim.CHECKOUT_FOLDERS` maps root folders
+    into fedsim's namespace, unless import-linter's contract still lists them as root packages of their own."""
+    roots = PYPROJECT["tool"]["importlinter"]["root_packages"]
+    out = {"fedsim": ROOT / "fedsim", "hydra_plugins": ROOT / "hydra_plugins"}
+    for name, folder in CHECKOUT_FOLDERS.items():
+        short = name.rpartition(".")[2]
+        out[short if short in roots else name] = ROOT / folder
     return out
 
 
