@@ -304,9 +304,12 @@ def launch_ray(config: RayConfig, server_app: ServerApp, client_app: ClientApp, 
                       "include_dashboard": False, "object_store_memory": config.object_store_mb * 2**20},
     }
     started = time.perf_counter()
-    run_simulation(server_app=_on_ray(server_app, run_config, config.pull_interval),
-                   client_app=client_app,
-                   num_supernodes=clients, backend_config=backend_config)
+    from fedsim.threads import child_env
+
+    with child_env(max(1, int(config.client_cpus))):  # each actor: the cores reserved for it
+        run_simulation(server_app=_on_ray(server_app, run_config, config.pull_interval),
+                       client_app=client_app,
+                       num_supernodes=clients, backend_config=backend_config)
     log.debug("ray simulation finished in %.1f s", time.perf_counter() - started)
 
 

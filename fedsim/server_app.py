@@ -44,7 +44,10 @@ def main(grid: Grid, context: Context) -> None:
     output = str(context.run_config.get(OUTPUT_KEY, "") or "outputs/flwr-run")
     run = validate(yaml.safe_load(config_yaml))
     quiet_flower(run.verbose)  # under flwr run this is a process of its own
-    run_federation(grid, run, output, show_progress=bool(context.run_config.get("fedsim-progress", True)))
+    from fedsim.threads import resolve, using
+
+    with using(resolve(run.threads)):  # a process of its own (flwr run) chooses; a runtime's keeps its choice
+        run_federation(grid, run, output, show_progress=bool(context.run_config.get("fedsim-progress", True)))
 
 
 def with_run_config(server_app: ServerApp, run_config: Mapping[str, Any]) -> ServerApp:
