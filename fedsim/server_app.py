@@ -121,6 +121,9 @@ def run_federation(grid: Grid, run: RunConfig, output: str, *, show_progress: bo
     config_yaml = yaml.safe_dump(_shippable(run.raw), sort_keys=False)   # what clients receive
     writer = ResultsWriter(output)
     writer.start(yaml.safe_dump({k: v for k, v in run.raw.items() if k != "hydra"}, sort_keys=False), run.fl.rounds)
+    import torch
+
+    writer.update_status(torch_threads=torch.get_num_threads())  # of the attacks, scoring, evaluation (threads)
     attack = build_attack(run.attack)
     defense = build_defense(run.defense)
     console = RunConsole(run.fl.rounds, f"fedsim: {attack.name} vs defense {defense.name}", enabled=show_progress)

@@ -2,9 +2,12 @@
 
 One process runs a job's server side: the attacks, their scoring and the server's evaluation. It gets
 
-- `threads=N`: N;
+- `threads=N`: N; else OMP_NUM_THREADS when the environment sets it;
 - one of k jobs a sweep runs in parallel (`hydra/launcher=parallel`, joblib's `n_jobs=k`): cores // k, at least 1;
 - alone: the cores this process may use (its CPU affinity).
+
+That is the CLI's choice (`fedsim ...`, one process per job). `fedsim.run` from Python keeps the calling process's
+torch setting unless `threads=N` is given.
 
 Clients train on one thread whatever this says (`fedsim.training.single_thread`: their update is the same bits on
 every runtime), and so does SPEAR; Ray gives each client actor its reserved CPUs.
@@ -67,14 +70,29 @@ def check_threads(value: Any) -> int | None:
     return value
 
 
-def resolve(requested: int | None, parallel_jobs: int = 1, cores: int | None = None) -> ThreadPlan:
-    """The thread count of one job: `requested` when given, else `cores` divided among `parallel_jobs`."""
+def resolve(requested: int | None, parallel_jobs: int = 1, cores: int | None = None,
+            environ: Mapping[str, str] | None = None) -> ThreadPlan:
+    """The thread count of one job: `requested` when given, else OMP_NUM_THREADS when the environment sets it (the
+    user, or joblib for its workers), else `cores` divided among `parallel_jobs`."""
     cores = cores or available_cores()
     if requested is not None:
         return ThreadPlan(check_threads(requested), f"threads={requested}")
+    omp = (os.environ if environ is None else environ).get("OMP_NUM_THREADS", "")
+    if omp.strip().isdigit() and int(omp) >= 1:
+        return ThreadPlan(int(omp), f"OMP_NUM_THREADS={int(omp)}")
     if parallel_jobs > 1:
         return ThreadPlan(max(1, cores // parallel_jobs), f"1 of {parallel_jobs} parallel jobs on {cores} cores")
     return ThreadPlan(cores, f"alone on {cores} cores")
+
+
+def for_library(requested: int | None) -> ThreadPlan:
+    """From Python (`fedsim.run`): `threads=N` when given, else the caller's own torch setting. The caller owns
+    its process (a notebook, a test module on one thread); the CLI owns its own and applies `resolve`."""
+    if requested is not None:
+        return resolve(requested)
+    import torch
+
+    return ThreadPlan(torch.get_num_threads(), "the calling process's torch setting")
 
 
 def parallel_jobs(launcher: Mapping[str, Any] | None, cores: int | None = None) -> int:

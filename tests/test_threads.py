@@ -15,7 +15,7 @@ from fedsim.api import compose
 from fedsim.config import validate
 from fedsim.errors import ConfigError
 from fedsim.models import build_model
-from fedsim.threads import THREAD_VARS, ThreadPlan, chosen, parallel_jobs, resolve, using
+from fedsim.threads import THREAD_VARS, ThreadPlan, chosen, for_library, parallel_jobs, resolve, using
 from fedsim.threat import Observation, TrainMeta
 
 SHAPE = (3, 32, 32)
@@ -24,11 +24,13 @@ BASIC = {"_target_": "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
 
 
 def test_a_job_alone_gets_every_core_and_parallel_jobs_share_them():
-    assert resolve(None, 1, cores=8).threads == 8
-    assert resolve(None, 2, cores=8).threads == 4
-    assert resolve(None, 2, cores=2).threads == 1
-    assert resolve(None, 3, cores=2).threads == 1        # never zero
-    assert resolve(5, 2, cores=2) == ThreadPlan(5, "threads=5")   # the knob wins
+    assert resolve(None, 1, cores=8, environ={}).threads == 8
+    assert resolve(None, 2, cores=8, environ={}).threads == 4
+    assert resolve(None, 2, cores=2, environ={}).threads == 1
+    assert resolve(None, 3, cores=2, environ={}).threads == 1        # never zero
+    assert resolve(None, 1, cores=8, environ={"OMP_NUM_THREADS": "3"}).threads == 3   # the user's (or joblib's)
+    assert resolve(None, 1, cores=8, environ={"OMP_NUM_THREADS": "0"}).threads == 8   # not a count: ignored
+    assert resolve(5, 2, cores=2, environ={"OMP_NUM_THREADS": "1"}) == ThreadPlan(5, "threads=5")   # the knob wins
 
 
 def test_parallel_jobs_are_read_from_the_joblib_launcher_as_joblib_counts_them():
@@ -44,7 +46,7 @@ def test_the_parallel_launcher_config_divides_the_cores():
     cfg = compose_checked(["hydra/launcher=parallel", "seed=0,1"], multirun=True)
     launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
     assert parallel_jobs(launcher, cores=2) == 2
-    assert resolve(None, parallel_jobs(launcher, cores=2), cores=2).threads == 1
+    assert resolve(None, parallel_jobs(launcher, cores=2), cores=2, environ={}).threads == 1
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "two", "1.5", "true"])
@@ -53,6 +55,15 @@ def test_a_bad_thread_count_is_refused_at_the_door_naming_the_key(value):
     with pytest.raises(ConfigError, match=r"^threads=.* is invalid: expected null \(automatic.*or an integer >= 1"):
         validate(raw, deep=False)
     assert validate(OmegaConf.to_container(compose(["threads=3"]), resolve=True), deep=False).threads == 3
+
+
+def test_fedsim_run_keeps_the_callers_setting_unless_told():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert for_library(None).threads == 1 and for_library(2).threads == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_a_plan_holds_for_its_block_and_a_nested_one_keeps_it():
