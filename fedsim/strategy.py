@@ -16,7 +16,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedsim.arrays import to_numpy, to_state_dict
+from fedsim.arrays import records, to_numpy, to_state_dict
 from fedsim.hook import CLIENT_KEY
 
 
@@ -28,20 +28,24 @@ def partition_of_reply(reply: Message, partition_of: Mapping[int, int]) -> int:
 def weighted_mean(contents: list[RecordDict], weight_key: str) -> ArrayRecord:
     """FedAvg's average: Flower's `aggregate_arrayrecords`, the same numpy arithmetic in the same order (so the
     same bits), reading the arrays with `fedsim.arrays`."""
-    weights = [next(iter(c.metric_records.values()))[weight_key] for c in contents]
+    weights = [next(iter(records(c, MetricRecord).values()))[weight_key] for c in contents]
     total = sum(weights)
     mean: dict[str, np.ndarray] = {}
     dtypes: dict[str, np.dtype] = {}
+    product: dict[str, np.ndarray] = {}  # each reply's `values * factor`, written into one buffer per array
     for content, weight in zip(contents, weights):
         factor = weight / total
-        for record in content.array_records.values():
+        for record in records(content, ArrayRecord).values():
             for name, array in record.items():
+                values = to_numpy(array, copy=False)  # read only
                 if name not in mean:
-                    values = to_numpy(array)
                     dtypes[name] = values.dtype
                     mean[name] = values * factor
-                else:
-                    mean[name] += to_numpy(array) * factor
+                    product[name] = np.empty_like(mean[name])
+                elif product[name].shape == values.shape and product[name].dtype == np.result_type(values, factor):
+                    mean[name] += np.multiply(values, factor, out=product[name])
+                else:  # what numpy makes of it (an error, or a broadcast), as Flower's arithmetic would
+                    mean[name] += values * factor
     # integer buffers (BatchNorm's num_batches_tracked) stay integers: the model's dtype, not float64
     return ArrayRecord({name: Array(np.asarray(value) if dtypes[name].kind in "fc"
                                     else np.asarray(np.rint(value)).astype(dtypes[name]))
@@ -112,12 +116,13 @@ class FedsimStrategy(FedAvg):
 
     def _sgd_step(self, replies: list[Message], global_state: dict[str, torch.Tensor]) -> ArrayRecord:
         """global - lr * (weighted mean gradient) for parameters; weighted mean for buffers the clients sent."""
-        weights = [float(next(iter(r.content.metric_records.values()))[self.weighted_by_key]) for r in replies]
+        weights = [float(next(iter(records(r.content, MetricRecord).values()))[self.weighted_by_key])
+                   for r in replies]
         total = sum(weights)
         states = [to_state_dict(r.content[self.arrayrecord_key]) for r in replies]
         buffers = set() if self.buffers is None else self.buffers
         for r in replies if self.buffers is None else ():  # else only the server's own list, never a claim
-            info = r.content.config_records.get(CLIENT_KEY)
+            info = records(r.content, ConfigRecord).get(CLIENT_KEY)
             if info is not None and "buffers" in info:
                 buffers.update(str(b) for b in info["buffers"])
         new_state = {}
