@@ -62,3 +62,4 @@ def records(content: RecordDict, kind: type[R]) -> dict[str, R]:
     back into the RecordDict with type checks (0.1-0.3 ms a reply for the three); the server reads them for
     every reply of every round."""
     return {key: record for key, record in content.items() if isinstance(record, kind)}
+
