@@ -200,7 +200,8 @@ def main() -> None:
         losses = f"{r['standalone'][0]['matching_loss']:.6g} / {r['federated'][0]['matching_loss']:.6g}"
         print(f"| {case} | {med(r['standalone_1thread']):.2f} s | {sa:.2f} s ({r['standalone'][0]['threads']} thr) "
               f"| {fa:.2f} s ({r['federated'][0]['threads']} thr) | {fa / sa:.2f}x "
-              f"| {s2:.2f} s ({r['standalone_x2'][0]['threads']} thr) | {f2:.2f} s ({r['federated_x2'][0]['threads']} thr) "
+              f"| {s2:.2f} s ({r['standalone_x2'][0]['threads']} thr) "
+              f"| {f2:.2f} s ({r['federated_x2'][0]['threads']} thr) "
               f"| {f2 / s2:.2f}x | {losses} |")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

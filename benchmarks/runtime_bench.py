@@ -7,11 +7,13 @@ attacked client, no audit: the hook's attack cost is not what this measures) and
 
     python benchmarks/runtime_bench.py                          # 10, 100, 1000 clients; inline, ray; bare
     python benchmarks/runtime_bench.py --clients 100 --runtimes inline --rounds 5
+    python benchmarks/runtime_bench.py --clock cpu --clients 100 --runtimes inline --rounds 6   # busy machine
 
 Per-round times are medians over rounds 2.. of every repeat (round 1 includes Ray's actor start-up and first-touch
 costs; it is reported apart). A federated round's time is rounds.jsonl's `seconds` (configure, train, hook,
-aggregate, evaluate) minus the attack's own compute recorded in results.jsonl. Prints a Markdown table; --json
-writes every number.
+aggregate, evaluate) minus the attack's own compute recorded in results.jsonl. With --clock cpu (bare and inline):
+this process's CPU time instead of wall time, which leaves out the waits for a core on a machine busy with other
+work. Prints a Markdown table; --json writes every number.
 """
 
 from __future__ import annotations
