@@ -44,9 +44,12 @@ def main(grid: Grid, context: Context) -> None:
     output = str(context.run_config.get(OUTPUT_KEY, "") or "outputs/flwr-run")
     run = validate(yaml.safe_load(config_yaml))
     quiet_flower(run.verbose)  # under flwr run this is a process of its own
-    from fedsim.threads import resolve, using
+    from fedsim.threads import for_library, using
 
-    with using(resolve(run.threads)):  # a process of its own (flwr run) chooses; a runtime's keeps its choice
+    # threads=N holds in a process of its own too (flwr run's); else the process's torch setting, which in a fresh
+    # process is OMP_NUM_THREADS or the cores (the CLI's choice, passed on in the environment); inside a runtime of
+    # this process the choice already made holds
+    with using(for_library(run.threads)):
         run_federation(grid, run, output, show_progress=bool(context.run_config.get("fedsim-progress", True)))
 
 

@@ -6,8 +6,9 @@ One process runs a job's server side: the attacks, their scoring and the server'
 - one of k jobs a sweep runs in parallel (`hydra/launcher=parallel`, joblib's `n_jobs=k`): cores // k, at least 1;
 - alone: the cores this process may use (its CPU affinity).
 
-That is the CLI's choice (`fedsim ...`, one process per job). `fedsim.run` from Python keeps the calling process's
-torch setting unless `threads=N` is given.
+That is the CLI's choice (`fedsim ...`, one process per job), passed on to the processes a job starts in
+OMP_NUM_THREADS. `fedsim.run` from Python, and a ServerApp in a process of its own (`flwr run`), keep the process's
+torch setting unless `threads=N` is given: the caller owns its process.
 
 Clients train on one thread whatever this says (`fedsim.training.single_thread`: their update is the same bits on
 every runtime), and so does SPEAR; Ray gives each client actor its reserved CPUs.
@@ -86,8 +87,9 @@ def resolve(requested: int | None, parallel_jobs: int = 1, cores: int | None = N
 
 
 def for_library(requested: int | None) -> ThreadPlan:
-    """From Python (`fedsim.run`): `threads=N` when given, else the caller's own torch setting. The caller owns
-    its process (a notebook, a test module on one thread); the CLI owns its own and applies `resolve`."""
+    """From Python (`fedsim.run`, a ServerApp's own process): `threads=N` when given, else the process's torch
+    setting. The caller owns its process (a notebook, a test module on one thread); the CLI owns its own and
+    applies `resolve`."""
     if requested is not None:
         return resolve(requested)
     import torch
