@@ -107,3 +107,16 @@ def test_a_large_gradient_agrees_to_rounding_on_one_and_two_threads(patches):
             grads.append(model_gradients(model, x, y, create_graph=False))
     for name, g in grads[0].items():
         assert torch.allclose(g, grads[1][name], rtol=1e-4, atol=1e-6 * float(g.abs().max())), name
+
+
+def test_processes_started_in_a_child_env_get_its_count_and_a_sleeping_wait_policy(monkeypatch):
+    from fedsim.threads import child_env
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    with child_env(1):
+        assert os.environ["OMP_NUM_THREADS"] == "1" and os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert os.environ["OMP_NUM_THREADS"] == "2" and "OMP_WAIT_POLICY" not in os.environ
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")   # the user's choice stands
+    with child_env(1):
+        assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
