@@ -66,8 +66,9 @@ def check_threads(value: Any) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError("threads", value, f"null (automatic: this machine's {available_cores()} cores alone, "
-                                            "divided among the jobs a sweep runs in parallel) or an integer >= 1")
+        raise ConfigError("threads", value, f"null (automatic: OMP_NUM_THREADS if set, else this machine's "
+                                            f"{available_cores()} cores, divided among a parallel sweep's jobs) "
+                                            "or an integer >= 1")
     return value
 
 
