@@ -29,6 +29,7 @@ from fedsim.results import (
     unlock_run_dir,
 )
 from fedsim.runtime import launch, quiet_flower
+from fedsim.threads import for_library, using
 
 
 @dataclass
@@ -65,9 +66,10 @@ def run(overrides: Sequence[str] = (), output: str | Path | None = None, *, prog
     lock_run_dir(directory)
     try:
         clear_run_dir(directory)
-        launch(server_app.app, client_app.app, {RUN_CONFIG_KEY: yaml.safe_dump(raw, sort_keys=False),
-                                                OUTPUT_KEY: str(directory), PROGRESS_KEY: progress},
-               run_config.runtime, clients=run_config.fl.clients, nodes=run_config.nodes)
+        with using(for_library(run_config.threads)):
+            launch(server_app.app, client_app.app, {RUN_CONFIG_KEY: yaml.safe_dump(raw, sort_keys=False),
+                                                    OUTPUT_KEY: str(directory), PROGRESS_KEY: progress},
+                   run_config.runtime, clients=run_config.fl.clients, nodes=run_config.nodes)
     finally:
         unlock_run_dir(directory)
     return load(directory)

@@ -30,14 +30,18 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from fedsim import client_app, server_app
-from fedsim.config import validate
-from fedsim.errors import AttackNotApplicable, ConfigError, DatasetNotFound, FedsimError, RunDirInUse
-from fedsim.paths import CONF_DIR
-from fedsim.protocol import OUTPUT_KEY, RUN_CONFIG_KEY
-from fedsim.results import ResultsWriter, clear_run_dir, lock_run_dir, read_status
-from fedsim.runtime import launch, quiet_flower
-from hydra_plugins.fedsim_sweeper import StudySweeper
+from fedsim.threads import parallel_jobs, prepare_process, resolve, using
+
+prepare_process()  # OpenMP reads its wait policy once, when torch loads: before the imports below load it
+
+from fedsim import client_app, server_app  # noqa: E402
+from fedsim.config import validate  # noqa: E402
+from fedsim.errors import AttackNotApplicable, ConfigError, DatasetNotFound, FedsimError, RunDirInUse  # noqa: E402
+from fedsim.paths import CONF_DIR  # noqa: E402
+from fedsim.protocol import OUTPUT_KEY, RUN_CONFIG_KEY  # noqa: E402
+from fedsim.results import ResultsWriter, clear_run_dir, lock_run_dir, read_status  # noqa: E402
+from fedsim.runtime import launch, quiet_flower  # noqa: E402
+from hydra_plugins.fedsim_sweeper import StudySweeper  # noqa: E402
 
 GROUPS = ("attack", "defense", "data", "model", "runtime", "partition", "experiment", "tracking")
 EXIT_CONFIG = 2
@@ -46,6 +50,7 @@ EXIT_CONFIG = 2
 def main() -> None:
     """Console script: check the command line (group choices, keys, values, the output directory), take the run
     directory, then hand over to Hydra."""
+    prepare_process()  # done on import already (below); again in case a caller imported torch in between
     argv = sys.argv[1:]
     problem = check_group_overrides(argv)
     if problem is None:
@@ -250,9 +255,11 @@ def run_job(cfg: DictConfig) -> str | None:
     if multirun and status.get("state") == "complete" and _same_config(output, config_yaml):
         print(f"fedsim: {output} is already complete; skipped")
         return output
+    launcher = OmegaConf.to_container(hc.launcher, resolve=True) if multirun and "launcher" in hc else None
     try:
-        launch(server_app.app, client_app.app, {RUN_CONFIG_KEY: config_yaml, OUTPUT_KEY: output}, run.runtime,
-               clients=run.fl.clients, nodes=run.nodes)
+        with using(resolve(run.threads, parallel_jobs(launcher))):
+            launch(server_app.app, client_app.app, {RUN_CONFIG_KEY: config_yaml, OUTPUT_KEY: output}, run.runtime,
+                   clients=run.fl.clients, nodes=run.nodes)
         status = read_status(output)  # a runtime may end quietly after a failed ServerApp: its status says
         if status.get("state") != "complete":
             raise FedsimError(status.get("error") or f"the run ended in state {status.get('state', 'unknown')!r}")
@@ -268,7 +275,7 @@ def run_job(cfg: DictConfig) -> str | None:
 
 # Keys that describe a study or how it is watched, not the run: a job finished under other values of these is
 # still the same job (`study.*` only feeds other keys, whose resolved values are compared).
-NOT_RESULT_KEYS = ("study", "tracking", "verbose")
+NOT_RESULT_KEYS = ("study", "tracking", "verbose", "threads")
 
 
 def _same_config(output: str, config_yaml: str) -> bool:
