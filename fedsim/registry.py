@@ -59,6 +59,11 @@ class Registry(Generic[T]):
             raise ConfigError(key or self.kind, name, f"one of {', '.join(self.names())}")
         return self._entries[name]
 
+    @property
+    def package(self) -> str | None:
+        """The package whose modules register this registry's own entries (others may register more: tests)."""
+        return self._package
+
     def build(self, node: Any, prefix: str, *, ignore: tuple[str, ...] = ()) -> tuple[str, T, Any]:
         """(name, entry, typed config) for a config node `{name: ..., <knobs>}`: the name looked up (a ConfigError
         naming `prefix.name` when unknown), the knobs checked against the entry's `Config` (keys in `ignore` are
