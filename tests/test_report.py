@@ -108,8 +108,11 @@ def test_the_command_line_writes_the_report_and_says_where(sweep, tmp_path, caps
     capsys.readouterr()
     assert main(["--markdown", str(sweep)]) == 0                        # the study table, as README shows it
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "| setting | identified | exact | PSNR dB | SSIM | final acc |" and len(lines) == 2 + 3
-    assert "| fl.batch_size=1 | 100% | 100% | 100.0 |" in "\n".join(lines)
+    assert lines[0] == "| setting | identified | exact | PSNR dB | SSIM | final acc | attacked rounds |"
+    assert len(lines) == 2 + 3
+    # each cell at the first and the last attacked round
+    assert "| fl.batch_size=1 | 100% → 100% | 100% → 100% | 100.0 → 100.0 |" in "\n".join(lines)
+    assert lines[2].endswith("| 1 → 2 |")
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["fedsim-report"] == "fedsim.report:main"
 
