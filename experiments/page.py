@@ -231,7 +231,7 @@ def _badge(status: str, text: str) -> str:
 def _runs_html(runs: Any) -> str:
     columns = [("label", "run"), ("status", "status"), ("rounds_done", "rounds"), ("final_accuracy", "final acc"),
                ("mean_identified", "identified"), ("mean_exact", "exact"), ("mean_recovered", "recovered"),
-               ("mean_psnr", "PSNR"), ("mean_ssim", "SSIM"), ("mean_seconds", "attack s"),
+               ("mean_psnr", "PSNR"), ("std_psnr", "PSNR sd"), ("mean_ssim", "SSIM"), ("mean_seconds", "attack s"),
                ("faults", "faults"), ("error", "error")]
     columns = [(c, name) for c, name in columns if c in runs.columns]
     head = "".join(f"<th>{html.escape(name)}</th>" for _, name in columns)
@@ -261,7 +261,7 @@ def _fmt(col: str, value: Any) -> str:
         return "-"
     if col in ("final_accuracy", "mean_exact", "mean_identified", "mean_recovered"):
         return f"{float(value):.1%}"
-    if col in ("mean_psnr",):
+    if col in ("mean_psnr", "std_psnr"):
         return f"{float(value):.1f}"
     if col in ("mean_ssim",):
         return f"{float(value):.3f}"

@@ -152,9 +152,7 @@ def attack_per_round(df, path: Path) -> Path | None:
             title = f"(+{more} more)" if more > 0 else None
             axes[i][-1].legend(handles, names, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0),
                                title=title, title_fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
@@ -205,9 +203,7 @@ def attack_vs_strength(df, path: Path) -> Path | None:
             ax.grid(alpha=0.3)
     handles, names = axes[0][0].get_legend_handles_labels()
     axes[0][-1].legend(handles, names, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
@@ -282,9 +278,7 @@ def privacy_utility(df, path: Path) -> Path | None:
         handles, names = axes[i][0].get_legend_handles_labels()
         if handles:
             axes[i][-1].legend(handles, names, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
@@ -342,10 +336,8 @@ def sweep_plots(df, folder: Path) -> list[Path]:
             handles, names = axes[i][0].get_legend_handles_labels()
             if handles and len(groups) > 1:
                 axes[i][-1].legend(handles, names, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-        fig.tight_layout()
         path = folder / f"sweep_{key.replace('/', '_')}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        _save(fig, path)
         made.append(path)
     return made
 
@@ -384,6 +376,21 @@ def point_label(label: str) -> str:
     parts = [p.strip() for p in str(label).split(",")]
     kept = [p.replace("defense.", "").replace("defense=", "") for p in parts if not p.startswith("attack")]
     return " ".join(kept) or str(label)
+
+
+def empty_panels(fig) -> list:
+    """The figure's panels that show nothing: no line, point, bar or image, and no sentence saying why."""
+    return [ax for ax in fig.axes
+            if ax.get_visible() and not (ax.lines or ax.collections or ax.patches or ax.images or ax.texts)]
+
+
+def _save(fig, path: Path) -> None:
+    """Save a figure whose every panel shows data or says in words why it has none (never empty axes)."""
+    for ax in empty_panels(fig):
+        _say_empty(ax, f"{ax.get_title() or 'this panel'}: nothing to show")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    _plt().close(fig)
 
 
 def _say_empty(ax, text: str) -> None:
@@ -502,7 +509,5 @@ def keylock_plot(df, path: Path) -> Path | None:
         ax.set_title(f"{attack}: {metric} per attacker option", fontsize=10)
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
     return path

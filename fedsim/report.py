@@ -330,6 +330,8 @@ def runs_table(jobs: list[Job], tidy=None):
             if metric in part.columns:
                 values = pd.to_numeric(part[metric], errors="coerce").dropna()
                 row[f"mean_{metric}"] = float(values.mean()) if len(values) else None
+                if metric == "psnr":  # the spread over clients, rounds (and images, one per client at batch 1)
+                    row["std_psnr"] = float(values.std()) if len(values) > 1 else None
         attacked = part[part["attack"].notna()] if "attack" in part.columns else part.iloc[0:0]
         row.update(_first_and_last(attacked))
         final = _final_round(job)
