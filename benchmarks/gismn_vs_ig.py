@@ -2,6 +2,9 @@
 
     PYTHONPATH=. python benchmarks/gismn_vs_ig.py                      # 8 victims, no defense and 90 % pruning
     PYTHONPATH=. python benchmarks/gismn_vs_ig.py --victims 16 --steps 50,400,100 --restarts 2
+    PYTHONPATH=. python benchmarks/gismn_vs_ig.py --victims 4 --out a.json &       # split over two cores, then
+    PYTHONPATH=. python benchmarks/gismn_vs_ig.py --victims 8 --first 4 --out b.json; \
+        python benchmarks/gismn_vs_ig.py --merge a.json b.json
 
 Each attack gets R restarts of T optimiser steps, each step one evaluation of the matching loss's gradient on
 every restart: GI-SMN-style's T is its three stages together (z search, W+ refinement, pixel polish), IG runs T
@@ -55,7 +58,11 @@ def victims(count: int) -> list[int]:
     return [int(torch.randperm(n, generator=torch.Generator().manual_seed(100 + v))[0]) for v in range(count)]
 
 
-def run(count: int, steps: tuple[int, int, int], restarts: int, prior_steps: int) -> dict:
+DEFENSES = ("none", "prune 90%")
+
+
+def run(count: int, steps: tuple[int, int, int], restarts: int, prior_steps: int,
+        defenses: tuple[str, ...] = DEFENSES, first: int = 0) -> dict:
     torch.set_num_threads(1)
     data = load_dataset({"name": "patches", "size": 32, "channels": 3})
     model = build_model({"name": "cnn"}, (3, 32, 32), data.num_classes, seed=0).eval()
@@ -65,11 +72,13 @@ def run(count: int, steps: tuple[int, int, int], restarts: int, prior_steps: int
                               stage3_iterations=steps[2], prior_steps=prior_steps, progress=True))
     inverting = build_attack({"name": "inverting", "iterations": budget, "restarts": restarts})
     rows = []
-    for idx in victims(count):
+    for idx in victims(count)[first:]:
         x, y = data.test_x[idx:idx + 1], data.test_y[idx:idx + 1]
         truth = data.normalization.to_pixels(x)
         dense = {k: v.detach() for k, v in model_gradients(model, x, y, create_graph=False).items()}
         for defense, gradient in (("none", dense), ("prune 90%", prune(dense, 0.1))):
+            if defense not in defenses:
+                continue
             row = {"victim": idx, "label": int(y), "defense": defense}
             for name, attack in (("gismn", gismn), ("inverting", inverting)):
                 start = time.perf_counter()
@@ -86,8 +95,10 @@ def run(count: int, steps: tuple[int, int, int], restarts: int, prior_steps: int
 def table(result: dict) -> str:
     lines = ["| defense | IG PSNR dB (mean ± sd) | GI-SMN-style PSNR dB | GI-SMN - IG (mean ± sd) | GI-SMN better on | "
              "s per attack (IG / GI-SMN) |", "|---|---|---|---|---|---|"]
-    for defense in ("none", "prune 90%"):
+    for defense in DEFENSES:
         rows = [r for r in result["rows"] if r["defense"] == defense]
+        if not rows:
+            continue
         ig = [r["inverting_psnr"] for r in rows]
         gs = [r["gismn_psnr"] for r in rows]
         diff = [g - i for g, i in zip(gs, ig)]
@@ -108,10 +119,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", default="50,300,100", help="GI-SMN's stage 1, 2, 3 steps; IG runs their sum")
     parser.add_argument("--restarts", type=int, default=2)
     parser.add_argument("--prior-steps", type=int, default=600)
+    parser.add_argument("--defenses", default="none,prune 90%", help="comma-separated: none, prune 90%%")
+    parser.add_argument("--first", type=int, default=0, help="skip the first victims (to split a run in parts)")
+    parser.add_argument("--merge", nargs="*", default=[], help="only print the table of these result files")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gismn_vs_ig.json"))
     args = parser.parse_args(argv)
+    if args.merge:
+        parts = [json.loads(Path(f).read_text()) for f in args.merge]
+        result = {**parts[0], "rows": [r for p in parts for r in p["rows"]]}
+        Path(args.out).write_text(json.dumps(result, indent=1))
+        print(f"{len(result['rows'])} rows; budget: {result['restarts']} restarts x {sum(result['steps'])} "
+              "gradient evaluations each, both attacks")
+        print(table(result))
+        return 0
     steps = tuple(int(s) for s in args.steps.split(","))
-    result = run(args.victims, steps, args.restarts, args.prior_steps)
+    result = run(args.victims, steps, args.restarts, args.prior_steps, tuple(args.defenses.split(",")),
+                 args.first)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"budget: {args.restarts} restarts x {sum(steps)} gradient evaluations each, both attacks")

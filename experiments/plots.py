@@ -486,7 +486,9 @@ def keylock_plot(df, path: Path) -> Path | None:
     ax.set_ylim(0, 1)
     ax.set_title("utility: the same task and budget", fontsize=10)
     ax.grid(alpha=0.3, axis="y")
-    labels = [("no defense" if d == "none" else str(a)) for d, a in zip(table["defense"], table["attacker"])]
+    several = table["attack"].nunique() > 1     # e.g. the demo: SPEAR without a defense, IG through the lock
+    labels = [("no defense" if d == "none" else str(a)) + (f"\n({k})" if several else "")
+              for d, a, k in zip(table["defense"], table["attacker"], table["attack"])]
     x = np.arange(len(table))
     for ax, metric, ylabel in ((axes[1], "identified", "identified (fraction of the batch)"),
                                (axes[2], "psnr", "PSNR (dB)")):
