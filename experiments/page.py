@@ -172,11 +172,18 @@ def verdict(rows: Any, status: str = "complete", error: str | None = None) -> tu
     if not measure.notna().any():
         return "failed", "no reconstruction was scored (no ground truth, or the attack returns no inputs)"
     budget = rows.get("stats.budget_exhausted")
-    exhausted = int(budget.map(lambda v: v is True or v == "True" or v == 1).sum()) if budget is not None else 0
+    exhausted = int(budget.map(_true).sum()) if budget is not None else 0
     if exhausted:
         return "attack out of budget", (f"nothing {name}, but the attack stopped at its budget on {exhausted} of "
                                         f"{len(rows)} updates: inconclusive, not a defense holding" + failed_note)
     return "defense held", f"nothing {name} by an attack that ran to its end" + failed_note
+
+
+def _true(value: Any) -> bool:
+    """A flag read from a table: True, "True" or 1 (missing, pandas' NA included, is not true)."""
+    if value is True or (isinstance(value, str) and value == "True"):
+        return True
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == 1
 
 
 def findings(tidy: Any) -> list[str]:

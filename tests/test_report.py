@@ -217,6 +217,9 @@ def _rows(**columns):
            **{"stats.budget_exhausted": [False, False]}), "complete", "defense held"),
     (_rows(attack=["spear"] * 2, identified=[0.0, 0.0], exact=[0.0, 0.0], error=[None, None]), "complete",
      "defense held"),                                                   # no budget_exhausted recorded: false
+    (_rows(attack=["spear"] * 2, identified=[0.0, 0.0], exact=[0.0, 0.0], error=[None, None],
+           **{"stats.budget_exhausted": pd.array([pd.NA, pd.NA], dtype="boolean")}), "complete",
+     "defense held"),                                                   # an attack that records none (NA)
     (_rows(attack=["spear"] * 2, identified=[0.0, 0.0], exact=[0.0, 0.0], error=["ReconstructionFailed: x"] * 2),
      "complete", "failed"),
     (None, "invalid", "not applicable"),
