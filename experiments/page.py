@@ -374,7 +374,7 @@ def _setting_words(label: str, defense: str) -> str:
     subject); attack names and budgets are left out."""
     kept = [p.strip().replace("defense.", "") for p in label.split(",")
             if not p.strip().startswith(("defense=", "attack"))]
-    return ", ".join(kept) or ("no defense" if defense == "none" else defense)
+    return ", ".join(kept)   # empty for a defense run without knobs (secagg): the sentence's subject says it
 
 
 def keylock_table(tidy: Any) -> str:
