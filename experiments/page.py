@@ -23,8 +23,9 @@ CAPTIONS = {
                         "identified = fraction of each client's batch whose reconstruction picks out the true "
                         "sample among the client's data; exact = fraction recovered exactly; PSNR in dB (higher: "
                         "closer). Samples an attack did not return count as failures.",
-    "attack_vs_strength": "Attack success against each defense's strength (mean over rounds, clients; bars: "
-                          "spread over seeds). Dashed: the same attack with no defense.",
+    "attack_vs_strength": "Attack success against each defense's strength (mean over clients; one line per "
+                          "attacked round when a run attacked two or three, else the mean over rounds; bars: "
+                          "spread over seeds). Dash-dotted: the same attack with no defense.",
     "privacy_utility": "Final test accuracy of the global model against attack success, one point per setting "
                        "(each labelled with its defense and strength). Up and to the left is better; the line is "
                        "the frontier of settings no other setting beats on both.",

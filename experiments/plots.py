@@ -180,17 +180,25 @@ def attack_vs_strength(df, path: Path) -> Path | None:
             ax = axes[i][j]
             drawn = False
             for k, attack in enumerate(attacks):
-                runs = per_job(part[part["attack"] == attack], metric)
-                if runs.empty or runs[metric].isna().all():
-                    continue
-                drawn = True
-                stats = _over_seeds(runs, ["strength"], metric).sort_values("strength")
-                ax.errorbar(stats["strength"], stats["mean"], yerr=stats["std"], marker="o", ms=4, capsize=3,
-                            color=colors[k], label=attack)
+                mine = part[part["attack"] == attack]
+                rounds = sorted(pd.to_numeric(mine["round"], errors="coerce").dropna().unique()) \
+                    if "round" in mine.columns else []
+                # a few attacked rounds (attack.rounds): one line per round, the fresh model to the trained one
+                lines = [(f"{attack}, round {r:.0f}", mine[pd.to_numeric(mine["round"], errors="coerce") == r],
+                          style) for r, style in zip(rounds, ("-", "--", ":"))] if 2 <= len(rounds) <= 3 \
+                    else [(attack, mine, "-")]
+                for name, rows, style in lines:
+                    runs = per_job(rows, metric)
+                    if runs.empty or runs[metric].isna().all():
+                        continue
+                    drawn = True
+                    stats = _over_seeds(runs, ["strength"], metric).sort_values("strength")
+                    ax.errorbar(stats["strength"], stats["mean"], yerr=stats["std"], marker="o", ms=4, capsize=3,
+                                color=colors[k], ls=style, label=name)
                 base = df[(df["defense"] == "none") & (df["attack"] == attack)]
                 if not base.empty:
                     level = per_job(base, metric)[metric].mean()
-                    ax.axhline(level, ls="--", lw=1, color=colors[k], alpha=0.7, label=f"{attack}, no defense")
+                    ax.axhline(level, ls="-.", lw=0.8, color=colors[k], alpha=0.6, label=f"{attack}, no defense")
             if not drawn:
                 _say_empty(ax, f"no {metric} scored against {defense}")
                 continue
