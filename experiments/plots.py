@@ -487,7 +487,8 @@ def keylock_plot(df, path: Path) -> Path | None:
                alpha=0.7)
         ax.scatter([k] * len(values), values, color="black", s=12, zorder=3)
         ax.annotate(f"{values.mean():.1%}" + (f" ± {values.std():.1%}" if len(values) > 1 else ""),
-                    (k, values.mean()), xytext=(0, 6), textcoords="offset points", ha="center", fontsize=8)
+                    (k, max(values.max(), values.mean() + (values.std() if len(values) > 1 else 0))),
+                    xytext=(0, 6), textcoords="offset points", ha="center", fontsize=8)
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels([f"{n}\n({len(seeds[d])} seeds)" for n, d in zip(names, acc["defense"])], fontsize=8)
     ax.set_ylabel("final test accuracy")

@@ -198,4 +198,6 @@ def study_markdown(runs: Any) -> str:
 
 
 def print_study(runs: Any, title: str) -> None:
-    Console(highlight=False, force_terminal=None if sys.stdout.isatty() else False).print(study_table(runs, title))
+    tty = sys.stdout.isatty()   # a log or a pipe gets the whole table (first -> last cells are wide), not 80 columns
+    Console(highlight=False, force_terminal=None if tty else False, width=None if tty else 160).print(
+        study_table(runs, title))
