@@ -7,11 +7,13 @@ attacked client, no audit: the hook's attack cost is not what this measures) and
 
     python benchmarks/runtime_bench.py                          # 10, 100, 1000 clients; inline, ray; bare
     python benchmarks/runtime_bench.py --clients 100 --runtimes inline --rounds 5
+    python benchmarks/runtime_bench.py --clock cpu --clients 100 --runtimes inline --rounds 6   # busy machine
 
 Per-round times are medians over rounds 2.. of every repeat (round 1 includes Ray's actor start-up and first-touch
 costs; it is reported apart). A federated round's time is rounds.jsonl's `seconds` (configure, train, hook,
-aggregate, evaluate) minus the attack's own compute recorded in results.jsonl. Prints a Markdown table; --json
-writes every number.
+aggregate, evaluate) minus the attack's own compute recorded in results.jsonl. With --clock cpu (bare and inline):
+this process's CPU time instead of wall time, which leaves out the waits for a core on a machine busy with other
+work. Prints a Markdown table; --json writes every number.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ def bare_rounds(clients: int, rounds: int) -> list[float]:
     evaluate(model, bundle.test_x, bundle.test_y)
     times = []
     for server_round in range(1, rounds + 1):
-        start = time.perf_counter()
+        start = _clock()
         with single_thread():  # as the clients train
             total, weighted = 0, {k: torch.zeros_like(v, dtype=torch.float64) for k, v in global_state.items()}
             for pid, (x, y) in enumerate(data):
@@ -77,13 +79,39 @@ def bare_rounds(clients: int, rounds: int) -> list[float]:
             global_state = {k: (v / total).to(global_state[k].dtype) for k, v in weighted.items()}
             model.load_state_dict(global_state)
         evaluate(model, bundle.test_x, bundle.test_y)
-        times.append(time.perf_counter() - start)
+        times.append(_clock() - start)
     return times
 
 
+CLOCK = "wall"
+
+
+def _clock() -> float:
+    """Wall time, or with --clock cpu this process's CPU time (all its threads): on a machine busy with other
+    work, CPU time does not count the waits for a core, which inflate wall times by 2-3x at random."""
+    return time.process_time() if CLOCK == "cpu" else time.perf_counter()
+
+
 def federated_rounds(runtime: str, clients: int, rounds: int, extra: list[str]) -> tuple[list[float], float]:
-    """Seconds per round (from rounds.jsonl) and the whole run's wall time."""
+    """Seconds per round (from rounds.jsonl) and the whole run's wall time. With --clock cpu (inline only): the
+    process's CPU time of a run of `rounds` rounds minus that of a run of 1 round, per later round (reported as
+    every warm round's time; round 1 as the 1-round run's total)."""
     from fedsim.api import run
+
+    if CLOCK == "cpu":
+        if runtime != "inline":
+            raise SystemExit("--clock cpu measures in-process runtimes only (inline)")
+        cpu = {}
+        with tempfile.TemporaryDirectory(prefix="fedsim-bench-") as out:  # imports and first-touch costs, apart
+            run([*overrides(2, 1), f"runtime={runtime}", *extra], Path(out) / "run")
+        for r in (1, rounds):
+            with tempfile.TemporaryDirectory(prefix="fedsim-bench-") as out:
+                start = time.process_time()
+                result = run([*overrides(clients, r), f"runtime={runtime}", *extra], Path(out) / "run")
+                cpu[r] = time.process_time() - start
+                cpu[r] -= sum(row["seconds"] for row in result.attacks())  # the attack's own (1 thread, ~wall)
+        warm = (cpu[rounds] - cpu[1]) / (rounds - 1)
+        return [cpu[1]] + [warm] * (rounds - 1), cpu[rounds]
 
     with tempfile.TemporaryDirectory(prefix="fedsim-bench-") as out:
         start = time.perf_counter()
@@ -115,7 +143,12 @@ def main() -> None:
                         help="torch threads of this process (clients train on one thread on every runtime; on a "
                              "shared machine more threads mostly measure contention)")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall time, or this process's CPU time (inline and bare only; a busy machine's waits "
+                             "for a core left out)")
     args = parser.parse_args()
+    global CLOCK
+    CLOCK = args.clock
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
     import torch
@@ -143,7 +176,7 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
 
-    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, torch threads {args.threads}; "
+    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, torch threads {args.threads}, clock {CLOCK}; "
           f"load average (1 min) {min(loads):.1f}-{max(loads):.1f}; rounds={args.rounds}, repeats={args.repeats}")
     header = "| clients | bare loop | " + " | ".join(f"{r} round 1 | {r} warm | {r} / bare" for r in args.runtimes)
     print(header + " |")
@@ -155,7 +188,7 @@ def main() -> None:
         print("| " + " | ".join(cells) + " |")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"rows": rows, "rounds": args.rounds, "repeats": args.repeats,
+        args.json.write_text(json.dumps({"rows": rows, "rounds": args.rounds, "repeats": args.repeats, "clock": CLOCK,
                                          "threads": args.threads, "cpus": os.cpu_count(), "load": loads}, indent=1))
 
 

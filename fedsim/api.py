@@ -46,6 +46,7 @@ def run(overrides: Sequence[str] = (), output: str | Path | None = None, *, prog
     from fedsim.config import validate
     from fedsim.results import clear_run_dir, lock_run_dir, unlock_run_dir
     from fedsim.runtime import launch, quiet_flower
+    from fedsim.threads import for_library, using
 
     raw = OmegaConf.to_container(compose(overrides), resolve=True)
     run_config = validate(raw)
@@ -54,9 +55,10 @@ def run(overrides: Sequence[str] = (), output: str | Path | None = None, *, prog
     lock_run_dir(directory)
     try:
         clear_run_dir(directory)
-        launch({"fedsim-config": yaml.safe_dump(raw, sort_keys=False), "fedsim-output": str(directory),
-                "fedsim-progress": progress}, run_config.runtime, clients=run_config.fl.clients,
-               nodes=run_config.nodes)
+        with using(for_library(run_config.threads)):
+            launch({"fedsim-config": yaml.safe_dump(raw, sort_keys=False), "fedsim-output": str(directory),
+                    "fedsim-progress": progress}, run_config.runtime, clients=run_config.fl.clients,
+                   nodes=run_config.nodes)
     finally:
         unlock_run_dir(directory)
     return load(directory)

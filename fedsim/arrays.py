@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import io
 from functools import lru_cache
+from typing import TypeVar
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+R = TypeVar("R", ArrayRecord, MetricRecord, ConfigRecord)
 
 _MAGIC = b"\x93NUMPY"
 
 
-def to_numpy(array: Array) -> np.ndarray:
-    """The array's values as a writable numpy array (what `array.numpy()` returns)."""
+def to_numpy(array: Array, *, copy: bool = True) -> np.ndarray:
+    """The array's values as a writable numpy array (what `array.numpy()` returns); `copy=False`: a read-only
+    view of the record's bytes (no copy), for code that only reads them."""
     data = array.data
     if array.stype != "numpy.ndarray" or not data.startswith(_MAGIC) or data[6] not in (1, 2, 3):
         return array.numpy()
@@ -29,8 +33,9 @@ def to_numpy(array: Array) -> np.ndarray:
     shape, fortran, dtype = _header(data[:end])
     if dtype.hasobject:
         return array.numpy()  # numpy refuses these without pickle; keep its error
-    flat = np.frombuffer(data, dtype=dtype, offset=end, count=int(np.prod(shape, dtype=np.int64)))
-    return flat.reshape(shape, order="F" if fortran else "C").copy()
+    flat = np.frombuffer(data, dtype=dtype, offset=end, count=_size(shape))
+    values = flat.reshape(shape, order="F" if fortran else "C")
+    return values.copy() if copy else values
 
 
 def to_state_dict(record: ArrayRecord) -> dict[str, torch.Tensor]:
@@ -39,8 +44,22 @@ def to_state_dict(record: ArrayRecord) -> dict[str, torch.Tensor]:
 
 
 @lru_cache(maxsize=1024)
+def _size(shape: tuple[int, ...]) -> int:
+    return int(np.prod(shape, dtype=np.int64))
+
+
+@lru_cache(maxsize=1024)
 def _header(header: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
     fh = io.BytesIO(header)
     version = np.lib.format.read_magic(fh)
     read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
     return read(fh)
+
+
+def records(content: RecordDict, kind: type[R]) -> dict[str, R]:
+    """The records of one kind in `content`, read only: what `content.array_records` (`metric_records`,
+    `config_records`) holds, without its cost. Those build a synced view on every access, storing every record
+    back into the RecordDict with type checks (0.1-0.3 ms a reply for the three); the server reads them for
+    every reply of every round."""
+    return {key: record for key, record in content.items() if isinstance(record, kind)}
+

@@ -28,6 +28,9 @@ EXIT_CONFIG = 2
 def main() -> None:
     """Console script: check the command line (group choices, keys, values, the output directory), take the run
     directory, then hand over to Hydra."""
+    from fedsim.threads import prepare_process
+
+    prepare_process()  # before anything imports torch (its OpenMP reads the wait policy once)
     argv = sys.argv[1:]
     problem = check_group_overrides(argv)
     if problem is None:
@@ -234,6 +237,7 @@ def run_job(cfg: DictConfig) -> str | None:
     from fedsim.errors import AttackNotApplicable, ConfigError, DatasetNotFound, FedsimError, RunDirInUse
     from fedsim.results import ResultsWriter, lock_run_dir, read_status
     from fedsim.runtime import launch, quiet_flower
+    from fedsim.threads import parallel_jobs, resolve, using
 
     hc = HydraConfig.get()
     output = hc.runtime.output_dir
@@ -265,9 +269,11 @@ def run_job(cfg: DictConfig) -> str | None:
     if multirun and status.get("state") == "complete" and _same_config(output, config_yaml):
         print(f"fedsim: {output} is already complete; skipped")
         return output
+    launcher = OmegaConf.to_container(hc.launcher, resolve=True) if multirun and "launcher" in hc else None
     try:
-        launch({"fedsim-config": config_yaml, "fedsim-output": output}, run.runtime, clients=run.fl.clients,
-               nodes=run.nodes)
+        with using(resolve(run.threads, parallel_jobs(launcher))):
+            launch({"fedsim-config": config_yaml, "fedsim-output": output}, run.runtime, clients=run.fl.clients,
+                   nodes=run.nodes)
         status = read_status(output)  # a runtime may end quietly after a failed ServerApp: its status says
         if status.get("state") != "complete":
             raise FedsimError(status.get("error") or f"the run ended in state {status.get('state', 'unknown')!r}")
@@ -283,7 +289,7 @@ def run_job(cfg: DictConfig) -> str | None:
 
 # Keys that describe a study or how it is watched, not the run: a job finished under other values of these is
 # still the same job (`study.*` only feeds other keys, whose resolved values are compared).
-NOT_RESULT_KEYS = ("study", "tracking", "verbose")
+NOT_RESULT_KEYS = ("study", "tracking", "verbose", "threads")
 
 
 def _same_config(output: str, config_yaml: str) -> bool:

@@ -244,6 +244,7 @@ class RunConfig:
     raw: dict = field(repr=False, default_factory=dict)
     metrics: MetricsConfig = MetricsConfig()
     nodes: Any = None            # fedsim.runtime.NodesConfig: what simulated nodes hold of their own
+    threads: int | None = None   # torch threads of the server's compute (fedsim.threads); None: automatic
 
 
 def validate(cfg: Any, *, deep: bool = True) -> RunConfig:
@@ -258,12 +259,13 @@ def validate(cfg: Any, *, deep: bool = True) -> RunConfig:
     from fedsim.faults import fault_config
     from fedsim.models import model_config
     from fedsim.runtime import nodes_config, runtime_config
+    from fedsim.threads import check_threads
 
     raw = _plain(cfg)
     if not isinstance(raw, Mapping):
         raise ConfigError("config", raw, "a mapping")
     known = {"seed", "fl", "partition", "threat", "output", "faults", "audit", "verbose", "data", "model", "attack",
-             "defense", "runtime", "nodes", "hydra", "experiment", "study", "tracking", "metrics"}
+             "defense", "runtime", "nodes", "hydra", "experiment", "study", "tracking", "metrics", "threads"}
     for key in raw:
         if key not in known:
             raise ConfigError(str(key), raw[key], f"a known key ({', '.join(sorted(known - {'hydra'}))})")
@@ -292,7 +294,7 @@ def validate(cfg: Any, *, deep: bool = True) -> RunConfig:
         data=dict(raw.get("data") or {}), model=dict(raw.get("model") or {}), attack=attack_node,
         defense=dict(raw.get("defense") or {"name": "none"}), runtime=dict(raw.get("runtime") or {"name": "inline"}),
         raw=dict(raw), metrics=build_config(MetricsConfig, raw.get("metrics"), "metrics"),
-        nodes=nodes_config(raw.get("nodes")),
+        nodes=nodes_config(raw.get("nodes")), threads=check_threads(raw.get("threads")),
     )
     data_config(run.data)
     model_config(run.model)

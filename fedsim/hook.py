@@ -30,6 +30,7 @@ from flwr.serverapp.strategy import Strategy
 from torch import Tensor, nn
 
 from attacks.base import Attack, build_attack
+from fedsim.arrays import records
 from fedsim.errors import ConfigError
 from fedsim.grids import is_late
 from fedsim.schedule import AttackSchedule
@@ -434,7 +435,7 @@ class CuriousStrategy(Strategy):
                 self.recorder.on_fault(Fault(server_round, self._client_of(reply), reply.metadata.src_node_id,
                                              "audit", f"no ground truth, the attacks go unscored: {failure}"))
         grants = {id(r): _pop_grant(r) for r in replies if r.has_content()}
-        aggregate = next((r for r in healthy if AGGREGATE_KEY in r.content.config_records), None)
+        aggregate = next((r for r in healthy if isinstance(r.content.get(AGGREGATE_KEY), ConfigRecord)), None)
         failed: set[int] = set()
         attacked = self.schedule.attacks(server_round, self._num_rounds)
         if not attacked:
@@ -695,7 +696,7 @@ class CuriousStrategy(Strategy):
               batch_size: int | None = None, num_examples: int | None = None, server_round: int = 0) -> TrainMeta:
         t = self.threat
         input_shape = t.input_shape or (tuple(truth.inputs.shape[1:]) if truth is not None else _infer_input(model))
-        for record in reply.content.metric_records.values():
+        for record in records(reply.content, MetricRecord).values():
             if "num-examples" in record and num_examples is None:
                 num_examples = int(record["num-examples"])
         labels = truth.labels.clone() if (t.grant_labels and truth is not None) else None
@@ -727,7 +728,7 @@ class CuriousStrategy(Strategy):
         impersonation. Replies without a claim are numbered in order of arrival.
         """
         node = reply.metadata.src_node_id
-        record = reply.content.config_records.get(CLIENT_KEY) if reply.has_content() else None
+        record = records(reply.content, ConfigRecord).get(CLIENT_KEY) if reply.has_content() else None
         claim = record.get("partition-id") if record is not None else None
         known = self._client_ids.get(node)
         if claim is not None and (not isinstance(claim, int) or isinstance(claim, bool)):

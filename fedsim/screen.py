@@ -14,12 +14,13 @@ import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch import Tensor
 
-from fedsim.arrays import to_numpy
+from fedsim.arrays import records, to_numpy
 
 MAX_RATIO = 1e6   # default: a reply this many times larger than the round's median reply is rejected as huge
 
@@ -37,7 +38,7 @@ def decode(record: ArrayRecord) -> dict[str, np.ndarray] | Rejection:
     out = {}
     for name, array in record.items():
         try:
-            nd = to_numpy(array)
+            nd = to_numpy(array, copy=False)  # read only: a view of the reply's bytes
         except Exception as err:  # anything the client sent that numpy refuses
             return Rejection("decode", f"'{name}' cannot be decoded ({type(err).__name__}: {str(err)[:120]})")
         if not isinstance(nd, np.ndarray) or nd.dtype.hasobject or nd.dtype.kind not in "biufc":
@@ -47,9 +48,10 @@ def decode(record: ArrayRecord) -> dict[str, np.ndarray] | Rejection:
 
 
 def check_arrays(arrays: Mapping[str, np.ndarray], reference: Mapping[str, Tensor] | None,
-                 optional: frozenset[str] = frozenset()) -> Rejection | None:
+                 optional: frozenset[str] = frozenset(), sums: dict[str, float] | None = None) -> Rejection | None:
     """Names, shapes and dtypes as the model the server sent (`reference`), then finiteness and the float limit.
-    Names in `optional` (buffers a client may keep to itself, `fl.send_buffers=false`) may be missing."""
+    Names in `optional` (buffers a client may keep to itself, `fl.send_buffers=false`) may be missing. `sums`, when
+    given, receives the sums of squares computed on the way (for `norm`)."""
     if reference is not None:
         extra = sorted(set(arrays) - set(reference))
         if extra:
@@ -67,6 +69,11 @@ def check_arrays(arrays: Mapping[str, np.ndarray], reference: Mapping[str, Tenso
                 return Rejection("dtype", f"'{name}' is {nd.dtype}, the model's is {dtype}")
         elif nd.dtype.kind not in "fc":
             return Rejection("dtype", f"'{name}' is {nd.dtype}, not a floating-point array")
+        total = _sum_of_squares(nd) if nd.dtype.kind in "fc" else None
+        if total is not None:  # finite, and far below the limit
+            if sums is not None:
+                sums[name] = total
+            continue
         if nd.dtype.kind in "fc":
             finite = np.isfinite(nd)
             if not finite.all():
@@ -79,28 +86,43 @@ def check_arrays(arrays: Mapping[str, np.ndarray], reference: Mapping[str, Tenso
     return None
 
 
+@lru_cache(maxsize=64)
 def _overflow_limit(dtype: np.dtype) -> float:
     """sqrt of the largest finite value: larger values overflow in any norm, distance or loss."""
     real = np.empty(0, dtype=dtype).real.dtype
     return math.sqrt(float(np.finfo(real).max))
 
 
-def norm(arrays: Mapping[str, np.ndarray]) -> float:
-    """L2 norm over all floating arrays, in float64 (no overflow for finite float32 values)."""
+def _sum_of_squares(nd: np.ndarray) -> float | None:
+    """The sum of squares of a float32/float64 array in one pass without copies (BLAS dot), when it shows every value
+    finite and far below the float limit (a NaN or Inf, or a square near the limit, makes it non-finite or
+    large); None otherwise, and for other dtypes: the caller then checks value by value."""
+    if nd.dtype.kind != "f" or nd.dtype.itemsize < 4 or nd.size == 0:
+        return None
+    flat = nd.ravel(order="K")  # a view of a C- or Fortran-ordered array
+    total = float(np.dot(flat, flat))
+    return total if math.isfinite(total) and total < 0.25 * _overflow_limit(nd.dtype) ** 2 else None
+
+
+def norm(arrays: Mapping[str, np.ndarray], sums: Mapping[str, float] | None = None) -> float:
+    """L2 norm over all floating arrays (float64 where the one-pass sum could overflow); `sums`: sums of squares
+    already known (from `check_arrays`)."""
     total = 0.0
-    for nd in arrays.values():
+    for name, nd in arrays.items():
         if nd.dtype.kind in "fc":
-            total += float(np.sum(np.abs(nd.astype(np.complex128 if nd.dtype.kind == "c" else np.float64)) ** 2))
+            fast = sums[name] if sums is not None and name in sums else _sum_of_squares(nd)
+            total += fast if fast is not None else float(
+                np.sum(np.abs(nd.astype(np.complex128 if nd.dtype.kind == "c" else np.float64)) ** 2))
     return math.sqrt(total)
 
 
 def examples(content: RecordDict, weight_key: str) -> float | Rejection:
     """The reply's example count (its aggregation weight): exactly one MetricRecord holding a finite, positive,
     integral scalar under `weight_key`, every other metric a finite number or list of them."""
-    records = list(content.metric_records.values())
-    if len(records) != 1:
-        return Rejection("metrics", f"{len(records)} MetricRecords, expected exactly one")
-    metrics = records[0]
+    found = list(records(content, MetricRecord).values())
+    if len(found) != 1:
+        return Rejection("metrics", f"{len(found)} MetricRecords, expected exactly one")
+    metrics = found[0]
     for key, value in metrics.items():
         values = value if isinstance(value, list) else [value]
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
@@ -157,27 +179,29 @@ def screen(contents: Sequence[RecordDict], reference: Mapping[str, Tensor] | Non
     keysets: dict[int, frozenset] = {}
     for i, content in enumerate(contents):
         problems.append(None)
-        if len(content.array_records) != 1 or arrayrecord_key not in content.array_records:
+        array_records, configs = records(content, ArrayRecord), records(content, ConfigRecord)
+        if len(array_records) != 1 or arrayrecord_key not in array_records:
             problems[i] = Rejection("shape", f"expected exactly one ArrayRecord '{arrayrecord_key}', got "
-                                             f"{sorted(content.array_records)}")
+                                             f"{sorted(array_records)}")
             continue
-        arrays = decode(content.array_records[arrayrecord_key])
+        arrays = decode(array_records[arrayrecord_key])
         if isinstance(arrays, Rejection):
             problems[i] = arrays
             continue
-        problem = check_arrays(arrays, reference, optional)
+        sums: dict[str, float] = {}
+        problem = check_arrays(arrays, reference, optional, sums)
         if problem is None:
             count = examples(content, weight_key)
             problem = count if isinstance(count, Rejection) else None
-        if problem is None and audit_key is not None and audit_key in content.config_records:
-            problem = check_audit(content.config_records[audit_key])
-        if problem is None and client_key is not None and client_key in content.config_records:
-            problem = check_client(content.config_records[client_key], arrays)
+        if problem is None and audit_key is not None and audit_key in configs:
+            problem = check_audit(configs[audit_key])
+        if problem is None and client_key is not None and client_key in configs:
+            problem = check_client(configs[client_key], arrays)
         if problem is not None:
             problems[i] = problem
             continue
-        norms[i], counts[i] = norm(arrays), count
-        keysets[i] = frozenset(next(iter(content.metric_records.values())).keys())
+        norms[i], counts[i] = norm(arrays, sums), count
+        keysets[i] = frozenset(next(iter(records(content, MetricRecord).values())).keys())
     if keysets:  # one set of metric keys for the round (FedAvg averages them key by key): the most common one wins
         usual = Counter(keysets.values()).most_common(1)[0][0]
         for i, keys in keysets.items():

@@ -45,7 +45,13 @@ def main(grid: Grid, context: Context) -> None:
     output = str(context.run_config.get(OUTPUT_KEY, "") or "outputs/flwr-run")
     run = validate(yaml.safe_load(config_yaml))
     quiet_flower(run.verbose)  # under flwr run this is a process of its own
-    run_federation(grid, run, output, show_progress=bool(context.run_config.get("fedsim-progress", True)))
+    from fedsim.threads import for_library, using
+
+    # threads=N holds in a process of its own too (flwr run's); else the process's torch setting, which in a fresh
+    # process is OMP_NUM_THREADS or the cores (the CLI's choice, passed on in the environment); inside a runtime of
+    # this process the choice already made holds
+    with using(for_library(run.threads)):
+        run_federation(grid, run, output, show_progress=bool(context.run_config.get("fedsim-progress", True)))
 
 
 def with_run_config(server_app: ServerApp, run_config: Mapping[str, Any]) -> ServerApp:
@@ -119,6 +125,9 @@ def run_federation(grid: Grid, run: RunConfig, output: str, *, show_progress: bo
     config_yaml = yaml.safe_dump(_shippable(run.raw), sort_keys=False)   # what clients receive
     writer = ResultsWriter(output)
     writer.start(yaml.safe_dump({k: v for k, v in run.raw.items() if k != "hydra"}, sort_keys=False), run.fl.rounds)
+    import torch
+
+    writer.update_status(torch_threads=torch.get_num_threads())  # of the attacks, scoring, evaluation (threads)
     attack = build_attack(run.attack)
     defense = build_defense(run.defense)
     console = RunConsole(run.fl.rounds, f"fedsim: {attack.name} vs defense {defense.name}", enabled=show_progress)

@@ -1,7 +1,9 @@
 import os
 
-import pytest
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: idle workers sleep (fedsim.threads)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

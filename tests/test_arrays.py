@@ -41,3 +41,34 @@ def test_fedavg_weighted_mean_is_flowers_to_the_bit():
                             "metrics": MetricRecord({"num-examples": n})}) for n in (3, 7, 32, 1)]
     ours, flowers = weighted_mean(contents, "num-examples"), aggregate_arrayrecords(contents, "num-examples")
     assert all(ours[k].data == flowers[k].data for k in ("w", "b"))
+
+
+def test_fedavg_metric_mean_is_flowers_to_the_bit():
+    from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+
+    from fedsim.strategy import weighted_metrics
+
+    contents = [RecordDict({"metrics": MetricRecord({"num-examples": n, "train_loss": 1 / (n + 0.3),
+                                                    "acc": [0.1 * n, 3.0]})})
+                for n in (3, 7, 32, 1)]
+    ours, flowers = weighted_metrics(contents, "num-examples"), aggregate_metricrecords(contents, "num-examples")
+    assert dict(ours) == dict(flowers) and "num-examples" not in ours
+
+
+def test_records_reads_what_flowers_views_hold_and_changes_nothing():
+    from flwr.app import ConfigRecord
+
+    from fedsim.arrays import records
+
+    content = RecordDict({"a": ArrayRecord({"w": torch.ones(2)}), "m": MetricRecord({"x": 1.0}),
+                          "c": ConfigRecord({"k": "v"}), "c2": ConfigRecord({})})
+    assert records(content, ArrayRecord) == dict(content.array_records)
+    assert records(content, MetricRecord) == dict(content.metric_records)
+    assert list(records(content, ConfigRecord)) == ["c", "c2"]
+    assert list(content) == ["a", "m", "c", "c2"]
+
+
+def test_a_read_only_view_shares_the_records_bytes():
+    array = Array(np.arange(6, dtype=np.float32))
+    view = to_numpy(array, copy=False)
+    assert np.array_equal(view, array.numpy()) and not view.flags.writeable

@@ -224,3 +224,27 @@ def test_honest_replies_large_next_to_many_tiny_ones_are_not_huge():
     assert problems == [None] * 9
     without_scale = screen(tiny + usual, reference, arrayrecord_key="arrays")
     assert [p.kind for p in without_scale if p] == ["huge"] * 4    # what the scale is for
+
+
+def test_the_one_pass_check_still_finds_values_near_the_float_limit():
+    # the fast path (one BLAS sum of squares) must hand anything unusual to the value-by-value check
+    import math
+
+    import numpy as np
+
+    from fedsim.screen import check_arrays, norm
+
+    limit = math.sqrt(float(np.finfo(np.float32).max))              # ~1.84e19
+    over = np.zeros(1000, dtype=np.float32)
+    over[7] = 2e19
+    assert check_arrays({"w": over}, None).kind == "huge"
+    under = np.full(1000, 1e19, dtype=np.float32)                   # each value fine, the float32 sum overflows
+    assert check_arrays({"w": under}, None) is None
+    assert norm({"w": under}) == pytest.approx(math.sqrt(1000) * 1e19, rel=1e-6)
+    one_nan = np.ones((30, 30), dtype=np.float32)
+    one_nan[3, 4] = np.nan
+    assert check_arrays({"w": one_nan}, None).detail == "'w' holds 1 non-finite values"
+    fortran = np.asfortranarray(np.arange(12, dtype=np.float64).reshape(3, 4))
+    sums: dict = {}
+    assert check_arrays({"w": fortran}, None, sums=sums) is None and sums["w"] == float((fortran ** 2).sum())
+    assert limit > 1e19
