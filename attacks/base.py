@@ -23,7 +23,7 @@ ATTACKS: Registry[type["Attack"]] = Registry("attack", package="attacks")
 register_attack = ATTACKS.register
 
 # Facts an attack may need from the threat model (see `fedsim.threat.TrainMeta`).
-HOOK_KEYS = ("name", "targets", "sample")  # keys of the attack node that belong to the hook, not the attack
+HOOK_KEYS = ("name", "targets", "sample", "rounds")  # keys of the attack node that belong to the hook, not the attack
 CAPABILITIES = frozenset({"batch_size", "local_steps", "lr", "labels", "buffers"})
 
 

@@ -21,6 +21,7 @@ from fedsim.faults import fault_config
 from fedsim.hook import ThreatModel
 from fedsim.models import build_model, model_config
 from fedsim.registry import Registry
+from fedsim.schedule import AttackSchedule
 from fedsim.schema import build_config, check_range, coerce, knob, plain
 from fedsim.threads import check_threads
 from fedsim.threat import TrainMeta
@@ -109,6 +110,8 @@ class ThreatConfig:
 class AttackTargets:
     targets: Any = knob("all", help="clients to attack: all, N (the first N), or a list of client ids")
     sample: int | None = knob(None, ge=1, help="attack at most this many of the targeted replies per round")
+    rounds: Any = knob("all", help="rounds to attack: all, first, middle, last, a list such as [first,last] or "
+                                   "[1,10], or {every: k} (fedsim.schedule)")
 
 
 @dataclass(frozen=True)
@@ -172,8 +175,10 @@ def validate(cfg: Any, *, deep: bool = True) -> RunConfig:
     if fl.min_clients > (fl.clients_per_round or fl.clients):
         raise ConfigError("fl.min_clients", fl.min_clients, f"at most the clients per round ({fl.clients_per_round or fl.clients})")
     attack_node = dict(raw.get("attack") or {})
-    targets = build_config(AttackTargets, {k: attack_node[k] for k in ("targets", "sample") if k in attack_node}, "attack")
+    targets = build_config(AttackTargets, {k: attack_node[k] for k in ("targets", "sample", "rounds")
+                                           if k in attack_node}, "attack")
     _check_targets(targets.targets, fl.clients)
+    AttackSchedule.parse(targets.rounds, "attack.rounds", fl.rounds)
     run = RunConfig(
         seed=seed, fl=fl, partition=partition_config(raw.get("partition")),
         threat=build_config(ThreatConfig, raw.get("threat"), "threat"), targets=targets,

@@ -109,7 +109,10 @@ class RunConsole:
             table.add_column(f"{name} PSNR", justify="right")
             table.add_column(f"{name} SSIM", justify="right")
         table.add_column("faults", justify="right")
-        for row in self.rows:
+        shown = self.rows
+        if len(shown) > 12:  # a long run: the attacked rounds and the last (every round is in rounds.jsonl)
+            shown = [r for i, r in enumerate(shown) if r["attacks"] or r["faults"] or i == len(shown) - 1]
+        for row in shown:
             cells = [str(row["round"]), _fmt(row["accuracy"], ".1%")]
             for name in names:
                 s = row["attacks"].get(name, {})
@@ -121,7 +124,7 @@ class RunConsole:
         self.console.print(f"results: {directory}")
 
 
-STUDY_COLUMNS = ("setting", "identified", "exact", "PSNR dB", "SSIM", "final acc")
+STUDY_COLUMNS = ("setting", "identified", "exact", "PSNR dB", "SSIM", "final acc", "attacked rounds")
 
 
 def setting_name(label: str) -> str:
@@ -130,8 +133,10 @@ def setting_name(label: str) -> str:
 
 
 def study_rows(runs: Any) -> list[tuple[str, ...]]:
-    """One row of text per run of a study (`fedsim.report.runs_table`): the setting, the share of each batch
-    identified and recovered exactly, PSNR, SSIM, final accuracy ("-": not scored)."""
+    """One row of text per setting of a study (`fedsim.report.runs_table`; runs that differ only in their seed are
+    one setting): the setting; the share of each batch identified and recovered exactly, PSNR and SSIM, each at
+    the first and the last attacked round (`first -> last`) when the run attacked more than one round; the final
+    accuracy (mean and spread over seeds when there are several); the attacked rounds. "-": not scored."""
     def num(row: Mapping[str, Any], key: str) -> float | None:
         value = row.get(key)
         return None if value is None or value != value else float(value)   # NaN: not measured
@@ -139,25 +144,46 @@ def study_rows(runs: Any) -> list[tuple[str, ...]]:
     def pct(value: float | None) -> str:
         return _fmt(None if value is None else 100 * value, ".0f", "%")
 
-    out = []
+    def mean(rows: list[Mapping[str, Any]], key: str) -> float | None:
+        return _mean([num(r, key) for r in rows])
+
+    groups: dict[str, list[dict]] = {}
     for row in runs.to_dict("records"):
-        acc = num(row, "final_accuracy")
-        setting = setting_name(row.get("label") or row.get("run"))
-        if row.get("status") != "complete":
-            setting += f" ({row.get('status')})"
-        raised, attacks = int(num(row, "attacks_raised") or 0), int(num(row, "attacks") or 0)
+        groups.setdefault(str(row.get("label") or row.get("run")), []).append(row)
+    out = []
+    for label, rows in groups.items():
+        setting = setting_name(label)
+        statuses = sorted({str(r.get("status")) for r in rows if r.get("status") != "complete"})
+        if statuses:
+            setting += f" ({', '.join(statuses)})"
+        raised = int(sum(num(r, "attacks_raised") or 0 for r in rows))
+        attacks = int(sum(num(r, "attacks") or 0 for r in rows))
         if raised:  # scored as recovering nothing, which is not the defense holding
             setting += " (every attack raised)" if raised == attacks else f" ({raised}/{attacks} attacks raised)"
-        out.append((setting, pct(num(row, "mean_identified")), pct(num(row, "mean_exact")),
-                    _fmt(num(row, "mean_psnr"), ".1f"), _fmt(num(row, "mean_ssim"), ".3f"),
-                    _fmt(None if acc is None else 100 * acc, ".1f", "%")))
+        first, last = mean(rows, "first_round"), mean(rows, "last_round")
+        both = first is not None and last is not None and first != last
+
+        def cell(metric: str, show) -> str:
+            if both:
+                return f"{show(mean(rows, f'first_{metric}'))} → {show(mean(rows, f'last_{metric}'))}"
+            return show(mean(rows, f"mean_{metric}"))
+
+        accs = [a for a in (num(r, "final_accuracy") for r in rows) if a is not None]
+        acc = _fmt(None if not accs else 100 * sum(accs) / len(accs), ".1f", "%")
+        if len(accs) > 1:
+            spread = (sum((a - sum(accs) / len(accs)) ** 2 for a in accs) / (len(accs) - 1)) ** 0.5
+            acc += f" ± {100 * spread:.1f} ({len(accs)} seeds)"
+        rounds = "-" if first is None else (f"{first:.0f} → {last:.0f}" if both else f"{first:.0f}")
+        out.append((setting, cell("identified", pct), cell("exact", pct), cell("psnr", lambda v: _fmt(v, ".1f")),
+                    cell("ssim", lambda v: _fmt(v, ".3f")), acc, rounds))
     return out
 
 
 def study_table(runs: Any, title: str) -> Table:
     """One row per run of a study (`fedsim.report.runs_table`): the setting, attack success, final accuracy."""
     table = Table(title=title, caption="identified: share of each batch whose reconstruction picks out the true "
-                                       "sample among the client's data; -: not scored (see report/runs.csv)")
+                                       "sample among the client's data; a -> b: at the first and the last attacked "
+                                       "round; -: not scored (see report/runs.csv)")
     table.add_column(STUDY_COLUMNS[0], justify="left", no_wrap=True)
     for name in STUDY_COLUMNS[1:]:
         table.add_column(name, justify="right", no_wrap=True)
@@ -174,7 +200,9 @@ def study_markdown(runs: Any) -> str:
 
 
 def print_study(runs: Any, title: str) -> None:
-    Console(highlight=False, force_terminal=None if sys.stdout.isatty() else False).print(study_table(runs, title))
+    tty = sys.stdout.isatty()   # a log or a pipe gets the whole table (first -> last cells are wide), not 80 columns
+    Console(highlight=False, force_terminal=None if tty else False, width=None if tty else 160).print(
+        study_table(runs, title))
 
 
 def quiet_flower(verbose: bool) -> None:

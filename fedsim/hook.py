@@ -47,6 +47,7 @@ from fedsim.protocol import (  # noqa: F401  (audit_record: re-exported)
     read_audit,
 )
 from fedsim.results import ResultsWriter, RunRecorder
+from fedsim.schedule import AttackSchedule
 from fedsim.screen import MAX_RATIO, check_audit, decode, screen
 from fedsim.seeds import SAMPLE_TARGETS_STREAM, round_rng
 from fedsim.threat import Normalization, Observation, Optimizer, Reconstruction, TrainMeta, implausible_normalization
@@ -236,6 +237,9 @@ class CuriousStrategy(Strategy):
         ArrayRecord the server sends, by name).
     threat: what the server is assumed to know (`ThreatModel`).
     targets: "all", an int N (clients 0..N-1) or a list of client ids; sample: attack at most this many per round.
+    rounds: the rounds attacked (`fedsim.schedule`): "all", "first", "middle", "last", a list such as
+        ["first", "last"] or [1, 10], or {"every": k}. Names resolve against `start()`'s num_rounds. Rounds not
+        attacked still train, are screened and aggregated; their line in rounds.jsonl says `attacked: false`.
     recorder: receives attack records, faults and round summaries (default: kept in memory).
     drop_faulty: leave replies with NaN/Inf or wrong shapes out of aggregation (they would poison the model).
     client_of_node: node id -> client id when known (else taken from replies, or numbered in order of arrival).
@@ -266,8 +270,11 @@ class CuriousStrategy(Strategy):
                  arrayrecord_key: str | None = None, client_of_node: Mapping[int, int] | None = None,
                  output: str | None = None, view: Callable[[Observation], Observation] | None = None,
                  partitions: Callable[[int], Tensor | None] | None = None, max_ratio: float = MAX_RATIO,
-                 check_aggregate: Callable[[int, ArrayRecord], str | None] | None = None) -> None:
+                 check_aggregate: Callable[[int, ArrayRecord], str | None] | None = None,
+                 rounds: Any = "all") -> None:
         self.inner = strategy
+        self.schedule = AttackSchedule.parse(rounds, "rounds")
+        self._num_rounds: int | None = None
         self.attacks = build_attacks(attacks)
         self.model_fn = model_fn
         self.threat = threat
@@ -330,6 +337,8 @@ class CuriousStrategy(Strategy):
         With `output`, the result files are set up first and marked complete at the end, or failed when the
         strategy raised or no round produced a model (every aggregation skipped: the model is untrained).
         """
+        self.schedule = AttackSchedule.parse(self.schedule.spec, "rounds", num_rounds)  # round numbers exist
+        self._num_rounds = num_rounds
         self._begin(num_rounds)
         inner = self.inner
         saved = {name: inner.__dict__[name] for name in self._HOOKED if name in inner.__dict__}
@@ -410,7 +419,10 @@ class CuriousStrategy(Strategy):
         grants = {id(r): _pop_grant(r) for r in replies if r.has_content()}
         aggregate = next((r for r in healthy if isinstance(r.content.get(AGGREGATE_KEY), ConfigRecord)), None)
         failed: set[int] = set()
-        if global_state is not None and aggregate is not None:
+        attacked = self.schedule.attacks(server_round, self._num_rounds)
+        if not attacked:
+            pass  # a round the schedule leaves alone: screened and aggregated, not attacked
+        elif global_state is not None and aggregate is not None:
             info = aggregate.content.config_records[AGGREGATE_KEY]
             truth = next((truths[id(r)] for r in healthy if truths.get(id(r)) is not None), None)
             self._guarded(server_round, aggregate, failed, self._observe, server_round, aggregate, global_state,
@@ -425,7 +437,8 @@ class CuriousStrategy(Strategy):
         kept = [r for r in replies if id(r) in healthy_ids or r.has_error() or not self.drop_faulty]
         n_healthy = len(healthy)
         self.recorder.on_round(server_round, {"sent": len(sent), "received": len(replies), "healthy": n_healthy,
-                                              "observed": "aggregate" if aggregate is not None else "individual"})
+                                              "observed": "aggregate" if aggregate is not None else "individual",
+                                              "attacked": attacked})
         arrays, metrics = None, None
         if n_healthy < self.min_clients:
             skipped = f"{n_healthy} healthy replies < min_clients={self.min_clients}"
@@ -489,7 +502,10 @@ class CuriousStrategy(Strategy):
         self._started = True
         self._writer.start(self._config_yaml(num_rounds), int(num_rounds or 0))
         if num_rounds:
-            self.recorder.rounds = int(num_rounds)  # grids of the first and the last round
+            self.recorder.rounds = int(num_rounds)  # grids of the first and the last attacked round
+            chosen = self.schedule.resolve(int(num_rounds))
+            if chosen and hasattr(self.recorder, "grid_rounds"):
+                self.recorder.grid_rounds = (min(chosen), max(chosen))
 
     def _config_yaml(self, num_rounds: int | None) -> str:
         threat = dataclasses.asdict(self.threat)
@@ -499,7 +515,8 @@ class CuriousStrategy(Strategy):
             "strategy": type(self.inner).__name__, "rounds": num_rounds, "seed": self.seed,
             "attacks": [{"name": a.name, **(dataclasses.asdict(a.config) if dataclasses.is_dataclass(a.config)
                                             else {})} for a in self.attacks],
-            "threat": threat, "targets": self.targets, "sample": self.sample, "min_clients": self.min_clients}
+            "threat": threat, "targets": self.targets, "sample": self.sample, "rounds": self.schedule.spec,
+            "min_clients": self.min_clients}
         header = f"# fedsim CuriousStrategy around {type(self.inner).__name__}: the resolved threat model and attacks\n"
         return header + yaml.safe_dump(_plain_yaml(config), sort_keys=False)
 

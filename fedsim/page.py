@@ -1,5 +1,9 @@
 """The report's single static HTML page: status, plots, the per-run table and the reconstruction grids.
 
+Its first screen is a summary a newcomer reads in a minute: one sentence per defense (what leaked at the first and
+the last attacked round, the epsilon where the defense has one, the final accuracy and its cost against no
+defense, links to the image grids), and key-lock's claim as one table when the study ran key-lock.
+
 No scripts and no remote assets: images are files next to the page (relative links) or, with `embed`, data URIs
 inside it, so the page reads offline and can be mailed or archived as it is.
 """
@@ -10,19 +14,27 @@ import base64
 import datetime as dt
 import html
 import math
+import re
 from pathlib import Path
 from typing import Any
 
+from fedsim.plots import accuracy_by_seed, keylock_summary
+
 CAPTIONS = {
-    "attack_per_round": "Attack success per round for each setting of the sweep (mean over clients and seeds). "
+    "attack_per_round": "Attack success against the round, i.e. as the model trains (the rounds the schedule "
+                        "attacked, attack.rounds), for each setting of the sweep (mean over clients and seeds). "
                         "identified = fraction of each client's batch whose reconstruction picks out the true "
                         "sample among the client's data; exact = fraction recovered exactly; PSNR in dB (higher: "
                         "closer). Samples an attack did not return count as failures.",
-    "attack_vs_strength": "Attack success against each defense's strength (mean over rounds, clients; bars: "
-                          "spread over seeds). Dashed: the same attack with no defense.",
+    "attack_vs_strength": "Attack success against each defense's strength (mean over clients; one line per "
+                          "attacked round when a run attacked two or three, else the mean over rounds; bars: "
+                          "spread over seeds). Dash-dotted: the same attack with no defense.",
     "privacy_utility": "Final test accuracy of the global model against attack success, one point per setting "
-                       "(labels: defense strength). Up and to the left is better; the line is the frontier of "
-                       "settings no other setting beats on both.",
+                       "(each labelled with its defense and strength). Up and to the left is better; the line is "
+                       "the frontier of settings no other setting beats on both.",
+    "keylock": "Key-lock's claim: final test accuracy of FedAvg without and with the key-lock block on the same "
+               "task and budget (bars: mean over seeds, error bars: standard deviation, dots: seeds), and attack "
+               "success for each attacker option at the first (fresh model) and last (trained) attacked round.",
     "sweep": "Attack success and attack time against a swept setting, one line per setting of the other swept keys.",
 }
 
@@ -71,6 +83,14 @@ def render_page(out: Path, *, title: str, root: Path, jobs: list, tidy: Any, run
         "<p class='meta'>Data: <a href='table.csv'>table.csv</a> · <a href='table.parquet'>table.parquet</a> "
         "(tidy, one row per run x round x client x attack) · <a href='runs.csv'>runs.csv</a> (one row per run)</p>",
     ]
+    anchors = {job.name: "grids-" + _anchor(job.name) for job in jobs if grids.get(job.name)}
+    sentences = summary(runs, anchors, tidy)
+    if sentences:
+        parts.append("<h2>In one minute</h2><ul class='summary'>" + "".join(f"<li>{x}</li>" for x in sentences)
+                     + "</ul>")
+    lock = keylock_table(tidy)
+    if lock:
+        parts.append("<h2>Key-lock: utility and attackers</h2>" + lock)
     lines = findings(tidy)
     if lines:
         parts.append("<h2>Findings</h2><ul class='findings'>" + "".join(f"<li>{html.escape(x)}</li>" for x in lines)
@@ -97,7 +117,8 @@ def render_page(out: Path, *, title: str, root: Path, jobs: list, tidy: Any, run
             label = runs.loc[runs["run"] == job.name, "label"].iloc[0]
             opened = " open" if i < 6 else ""
             images = "".join(f"<img class='grid' src='{src(p)}' alt='{html.escape(p.stem)}'>" for p in grids[job.name])
-            parts.append(f"<details{opened}><summary>{html.escape(str(label))} {_badge(job.status, job.status)}"
+            anchor = f" id='{anchors[job.name]}'" if job.name in anchors else ""
+            parts.append(f"<details{opened}{anchor}><summary>{html.escape(str(label))} {_badge(job.status, job.status)}"
                          f"</summary>{_command(job)}<div class='grids'>{images}</div></details>")
     parts.append("</body></html>")
     page = out / "index.html"
@@ -155,11 +176,18 @@ def verdict(rows: Any, status: str = "complete", error: str | None = None) -> tu
     if not measure.notna().any():
         return "failed", "no reconstruction was scored (no ground truth, or the attack returns no inputs)"
     budget = rows.get("stats.budget_exhausted")
-    exhausted = int(budget.map(lambda v: v is True or v == "True" or v == 1).sum()) if budget is not None else 0
+    exhausted = int(budget.map(_true).sum()) if budget is not None else 0
     if exhausted:
         return "attack out of budget", (f"nothing {name}, but the attack stopped at its budget on {exhausted} of "
                                         f"{len(rows)} updates: inconclusive, not a defense holding" + failed_note)
     return "defense held", f"nothing {name} by an attack that ran to its end" + failed_note
+
+
+def _true(value: Any) -> bool:
+    """A flag read from a table: True, "True" or 1 (missing, pandas' NA included, is not true)."""
+    if value is True or (isinstance(value, str) and value == "True"):
+        return True
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == 1
 
 
 def findings(tidy: Any) -> list[str]:
@@ -214,7 +242,7 @@ def _badge(status: str, text: str) -> str:
 def _runs_html(runs: Any) -> str:
     columns = [("label", "run"), ("status", "status"), ("rounds_done", "rounds"), ("final_accuracy", "final acc"),
                ("mean_identified", "identified"), ("mean_exact", "exact"), ("mean_recovered", "recovered"),
-               ("mean_psnr", "PSNR"), ("mean_ssim", "SSIM"), ("mean_seconds", "attack s"),
+               ("mean_psnr", "PSNR"), ("std_psnr", "PSNR sd"), ("mean_ssim", "SSIM"), ("mean_seconds", "attack s"),
                ("faults", "faults"), ("error", "error")]
     columns = [(c, name) for c, name in columns if c in runs.columns]
     head = "".join(f"<th>{html.escape(name)}</th>" for _, name in columns)
@@ -244,7 +272,7 @@ def _fmt(col: str, value: Any) -> str:
         return "-"
     if col in ("final_accuracy", "mean_exact", "mean_identified", "mean_recovered"):
         return f"{float(value):.1%}"
-    if col in ("mean_psnr",):
+    if col in ("mean_psnr", "std_psnr"):
         return f"{float(value):.1f}"
     if col in ("mean_ssim",):
         return f"{float(value):.3f}"
@@ -253,3 +281,125 @@ def _fmt(col: str, value: Any) -> str:
     if col == "rounds_done":
         return html.escape(str(int(value)))
     return html.escape(str(value))
+
+
+def _anchor(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-") or "run"
+
+
+def _num(value: Any) -> float | None:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(value) else value
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
+def summary(runs: Any, anchors: dict[str, str] | None = None, tidy: Any = None) -> list[str]:
+    """One sentence (HTML) per defense: for each of its settings, what the attack identified at the first and the
+    last attacked round, the epsilon where the setting has one, the final accuracy (mean over seeds) and its cost
+    in points against no defense, and a link to the setting's image grids."""
+    import pandas as pd  # heavy: pandas loads only when a table is built
+
+    if runs is None or runs.empty or "defense" not in runs.columns:
+        return []
+    anchors = anchors or {}
+    runs = runs.copy()
+    runs["defense"] = runs["defense"].fillna("none").astype(str)
+    runs["final_accuracy"] = pd.to_numeric(runs.get("final_accuracy"), errors="coerce")
+    base = runs.loc[runs["defense"] == "none", "final_accuracy"].dropna()
+    baseline = float(base.mean()) if len(base) else None
+    seeds = runs["seed"] if "seed" in runs.columns else pd.Series([None] * len(runs), index=runs.index)
+    by_seed = {sd: float(a) for sd, a, d in zip(seeds, runs["final_accuracy"], runs["defense"])
+               if d == "none" and a == a and sd is not None}
+    out = []
+    order = ["none"] + sorted(d for d in runs["defense"].unique() if d != "none")
+    for defense in order:
+        part = runs[runs["defense"] == defense]
+        if part.empty:
+            continue
+        items = []
+        for label, setting in part.groupby("label", sort=False):
+            first, last = _num(setting.get("first_round").mean()) if "first_round" in setting else None, \
+                _num(setting.get("last_round").mean()) if "last_round" in setting else None
+            if first is not None and last is not None and first != last:
+                f_id = _num(pd.to_numeric(setting.get("first_identified"), errors="coerce").mean())
+                l_id = _num(pd.to_numeric(setting.get("last_identified"), errors="coerce").mean())
+                leak = f"identified {_pct(f_id)} at round {first:.0f}, {_pct(l_id)} at round {last:.0f}"
+            else:
+                leak = f"identified {_pct(_num(pd.to_numeric(setting.get('mean_identified'), errors='coerce').mean()))}"
+            raised = pd.to_numeric(setting.get("attacks_raised"), errors="coerce").fillna(0).sum()
+            attacks = pd.to_numeric(setting.get("attacks"), errors="coerce").fillna(0).sum()
+            if attacks and raised == attacks:
+                leak = "every attack raised (nothing measured)"
+            text = html.escape(_setting_words(str(label), defense)) if defense != "none" else ""
+            eps = _num(pd.to_numeric(setting.get("epsilon"), errors="coerce").max()) if "epsilon" in setting else None
+            if eps is not None:
+                text += f" (ε = {'∞' if math.isinf(eps) else f'{eps:.3g}'})"
+            acc = pd.to_numeric(setting.get("final_accuracy"), errors="coerce").dropna()
+            tail = ""
+            if len(acc):
+                tail = f", final accuracy {acc.mean():.1%}"
+                if len(acc) > 1:
+                    tail += f" ± {acc.std():.1%} over {len(acc)} seeds"
+                if baseline is not None and defense != "none":
+                    # against no defense at the same seeds where it ran (same data, model and batches)
+                    pairs = [(a, by_seed[sd]) for sd, a in zip(setting.get("seed", []), setting["final_accuracy"])
+                             if sd in by_seed and a == a]
+                    cost = (sum(a - b for a, b in pairs) / len(pairs)) if pairs else acc.mean() - baseline
+                    tail += f" ({100 * cost:+.1f} points against no defense)"
+            link = next((anchors[r] for r in setting["run"] if r in anchors), None)
+            grid = f" <a href='#{html.escape(link)}'>grids</a>" if link else ""
+            items.append(f"{text}: {html.escape(leak + tail)}{grid}" if text else f"{html.escape(leak + tail)}{grid}")
+        attacks = _attack_names(tidy, set(part["run"]))
+        head = ("No defense" if defense == "none" else html.escape(defense))
+        if attacks:
+            head += f" (against {html.escape(', '.join(attacks))})"
+        end = "; the reference for every accuracy cost below" if defense == "none" and baseline is not None else ""
+        out.append(f"<b>{head}</b>: " + "; ".join(items) + end + ".")
+    return out
+
+
+def _attack_names(tidy: Any, runs: set) -> list[str]:
+    """The attacks recorded for these runs (from the tidy table)."""
+    if tidy is None or "attack" not in getattr(tidy, "columns", ()) or "run" not in tidy.columns:
+        return []
+    return sorted(str(a) for a in tidy.loc[tidy["run"].isin(runs), "attack"].dropna().unique())
+
+
+def _setting_words(label: str, defense: str) -> str:
+    """`defense=noise, defense.clip=4, defense.sigma=1e-05` -> `clip=4, sigma=1e-05` (the defense is the sentence's
+    subject); attack names and budgets are left out."""
+    kept = [p.strip().replace("defense.", "") for p in label.split(",")
+            if not p.strip().startswith(("defense=", "attack"))]
+    return ", ".join(kept)   # empty for a defense run without knobs (secagg): the sentence's subject says it
+
+
+def keylock_table(tidy: Any) -> str:
+    """Key-lock's claim as one HTML table (fedsim.plots.keylock_summary): FedAvg's final accuracy without and
+    with the block, mean and spread over seeds, beside the attack's success per attacker option at the first and
+    the last attacked round. Empty when the study ran no key-lock."""
+    table = keylock_summary(tidy)
+    if table.empty:
+        return ""
+    head = ("<tr><th>setting</th><th>final accuracy (mean ± sd, seeds)</th><th>attack</th>"
+            "<th>identified, first → last round</th><th>PSNR dB, first → last round</th></tr>")
+    body = []
+    for _, row in table.iterrows():
+        seeds = accuracy_by_seed(tidy, row["defense"])
+        acc = "-" if seeds.empty else f"{seeds.mean():.1%}" + (
+            f" ± {seeds.std():.1%} ({len(seeds)} seeds)" if len(seeds) > 1 else " (1 seed)")
+        rounds = f"{row['first_round']} → {row['last_round']}" if row["first_round"] != row["last_round"] else ""
+        ident = f"{_pct(_num(row['first_identified']))} → {_pct(_num(row['last_identified']))}"
+        psnr = " → ".join("-" if _num(v) is None else f"{float(v):.1f}" for v in (row["first_psnr"], row["last_psnr"]))
+        body.append(f"<tr><td class='text'>{html.escape(str(row['arm']))}</td><td>{html.escape(acc)}</td>"
+                    f"<td class='text'>{html.escape(str(row['attack']))}</td><td>{html.escape(ident)}</td>"
+                    f"<td>{html.escape(psnr)}</td></tr>")
+    note = ("<p class='meta'>Training does not depend on the attacker option (a threat-model setting): the "
+            "accuracy of each key-lock row is that of the key-lock runs over all their seeds"
+            + (f"; attacked rounds {html.escape(rounds)}" if rounds else "") + ".</p>")
+    return f"<table class='keylock'><thead>{head}</thead><tbody>{''.join(body)}</tbody></table>{note}"

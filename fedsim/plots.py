@@ -4,11 +4,14 @@
     attack_vs_strength.png   attack success against each defense's strength, no-defense baseline dashed
     privacy_utility.png      final test accuracy against attack success, the Pareto frontier drawn through it
     sweep_<key>.png          attack success and attack time against any other swept number (batch size, width)
+    keylock.png              key-lock's claim: final accuracy with and without the block (mean and spread over
+                             seeds), beside attack success for each attacker option at the first and last round
 
 Attack success is shown three ways: `identified` (fraction of the batch whose reconstruction picks out the true
 sample among the client's data: what leaked), `exact` (fraction recovered exactly, the measure for exact attacks
 such as SPEAR) and `psnr` (dB). A figure or a row of panels that has nothing to show (no defense strength swept,
-one job, an attack with no scored reconstruction) is not drawn; `make_plots` says why in `notes`.
+one job, an attack with no scored reconstruction) is not drawn; `make_plots` says why in `notes`. A panel that
+would be empty (a metric an attack does not score) says so in words instead of showing empty axes.
 """
 
 from __future__ import annotations
@@ -105,10 +108,18 @@ def make_plots(df, runs, folder: str | Path, notes: list[str] | None = None) -> 
         notes.append("No privacy-utility plot: no run recorded a final accuracy.")
     made += [strength, utility]
     made += sweep_plots(df, folder)
+    if "defense" in df.columns and (df["defense"] == "keylock").any():
+        lock = keylock_plot(df, folder / "keylock.png")
+        if lock is None:
+            notes.append("No key-lock plot: no key-lock run recorded a final accuracy.")
+        made.append(lock)
     return [p for p in made if p is not None]
 
 
 def attack_per_round(df, path: Path) -> Path | None:
+    """Attack success against the round: how leakage changes as the model trains (rounds the schedule attacked)."""
+    import pandas as pd  # heavy: pandas loads only when a table is built
+
     plt = _plt()
     attacks, metrics = _attacks(df), _metrics(df)
     fig, axes = plt.subplots(len(attacks), len(metrics), figsize=(5.2 * len(metrics) + 2.6, 3.4 * len(attacks)),
@@ -117,6 +128,9 @@ def attack_per_round(df, path: Path) -> Path | None:
         part = df[df["attack"] == attack]
         for j, (metric, ylabel) in enumerate(metrics):
             ax = axes[i][j]
+            if pd.to_numeric(part[metric], errors="coerce").isna().all():
+                _say_empty(ax, f"{attack} scores no {metric}")
+                continue
             runs = per_job(part, metric, by=("round",))
             stats = _over_seeds(runs, ["label", "round"], metric)
             labels = _ordered_labels(runs)
@@ -126,7 +140,7 @@ def attack_per_round(df, path: Path) -> Path | None:
                 ax.plot(line["round"], line["mean"], marker="o", ms=3, color=colors[k], label=label)
             ax.set_xlabel("round")
             ax.set_ylabel(ylabel)
-            ax.set_title(f"{attack}: {metric} per round", fontsize=10)
+            ax.set_title(f"{attack}: {metric} against the round", fontsize=10)
             ax.xaxis.get_major_locator().set_params(integer=True)
             if metric in RATES:
                 ax.set_ylim(-0.03, 1.03)
@@ -137,9 +151,7 @@ def attack_per_round(df, path: Path) -> Path | None:
             title = f"(+{more} more)" if more > 0 else None
             axes[i][-1].legend(handles, names, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0),
                                title=title, title_fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
@@ -165,17 +177,30 @@ def attack_vs_strength(df, path: Path) -> Path | None:
         knob = part["strength_knob"].dropna().iloc[0] if part["strength_knob"].notna().any() else "strength"
         for i, (metric, ylabel) in enumerate(metrics):
             ax = axes[i][j]
+            drawn = False
             for k, attack in enumerate(attacks):
-                runs = per_job(part[part["attack"] == attack], metric)
-                if runs.empty:
-                    continue
-                stats = _over_seeds(runs, ["strength"], metric).sort_values("strength")
-                ax.errorbar(stats["strength"], stats["mean"], yerr=stats["std"], marker="o", ms=4, capsize=3,
-                            color=colors[k], label=attack)
+                mine = part[part["attack"] == attack]
+                rounds = sorted(pd.to_numeric(mine["round"], errors="coerce").dropna().unique()) \
+                    if "round" in mine.columns else []
+                # a few attacked rounds (attack.rounds): one line per round, the fresh model to the trained one
+                lines = [(f"{attack}, round {r:.0f}", mine[pd.to_numeric(mine["round"], errors="coerce") == r],
+                          style) for r, style in zip(rounds, ("-", "--", ":"))] if 2 <= len(rounds) <= 3 \
+                    else [(attack, mine, "-")]
+                for name, rows, style in lines:
+                    runs = per_job(rows, metric)
+                    if runs.empty or runs[metric].isna().all():
+                        continue
+                    drawn = True
+                    stats = _over_seeds(runs, ["strength"], metric).sort_values("strength")
+                    ax.errorbar(stats["strength"], stats["mean"], yerr=stats["std"], marker="o", ms=4, capsize=3,
+                                color=colors[k], ls=style, label=name)
                 base = df[(df["defense"] == "none") & (df["attack"] == attack)]
                 if not base.empty:
                     level = per_job(base, metric)[metric].mean()
-                    ax.axhline(level, ls="--", lw=1, color=colors[k], alpha=0.7, label=f"{attack}, no defense")
+                    ax.axhline(level, ls="-.", lw=0.8, color=colors[k], alpha=0.6, label=f"{attack}, no defense")
+            if not drawn:
+                _say_empty(ax, f"no {metric} scored against {defense}")
+                continue
             _strength_axis(ax, part["strength"])
             ax.set_xlabel(knob)
             ax.set_ylabel(ylabel)
@@ -185,9 +210,7 @@ def attack_vs_strength(df, path: Path) -> Path | None:
             ax.grid(alpha=0.3)
     handles, names = axes[0][0].get_legend_handles_labels()
     axes[0][-1].legend(handles, names, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
@@ -242,14 +265,15 @@ def privacy_utility(df, path: Path) -> Path | None:
             points = runs.groupby(["label"], dropna=False).agg(
                 x=(metric, "mean"), y=("final_accuracy", "mean"), defense=("defense", "first"),
                 strength=("strength", "first")).reset_index().dropna(subset=["x", "y"])
+            if points.empty:
+                _say_empty(ax, f"no run has both a final accuracy and a scored {metric}")
+                continue
             for defense, group in points.groupby("defense", dropna=False):
                 ax.scatter(group["x"], group["y"], s=30, color=colors.get(defense, "grey"), label=str(defense),
                            zorder=3)
-                graded = group["strength"].nunique() > 1    # label points only where the strength varies
-                for _, p in group.iterrows():
-                    if graded and pd.notna(p["strength"]):
-                        ax.annotate(f"{p['strength']:g}", (p["x"], p["y"]), fontsize=6, xytext=(3, 3),
-                                    textcoords="offset points")
+                for _, p in group.iterrows():   # every point names its defense and strength
+                    ax.annotate(point_label(p["label"]), (p["x"], p["y"]), fontsize=6, xytext=(3, 3),
+                                textcoords="offset points")
             front = pareto_front(list(zip(points["x"], points["y"])))
             if len(front) >= 2:
                 fx, fy = zip(*front)
@@ -261,9 +285,7 @@ def privacy_utility(df, path: Path) -> Path | None:
         handles, names = axes[i][0].get_legend_handles_labels()
         if handles:
             axes[i][-1].legend(handles, names, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
@@ -321,10 +343,8 @@ def sweep_plots(df, folder: Path) -> list[Path]:
             handles, names = axes[i][0].get_legend_handles_labels()
             if handles and len(groups) > 1:
                 axes[i][-1].legend(handles, names, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-        fig.tight_layout()
         path = folder / f"sweep_{key.replace('/', '_')}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        _save(fig, path)
         made.append(path)
     return made
 
@@ -355,3 +375,149 @@ def _colors(n: int) -> list:
     if n <= 10:
         return [plt.get_cmap("tab10")(i) for i in range(max(n, 1))]
     return [plt.get_cmap("viridis")(i / max(n - 1, 1)) for i in range(n)]
+
+
+def point_label(label: str) -> str:
+    """A setting's short name for a plot: `defense=noise, defense.clip=4, defense.sigma=1e-05` -> `noise
+    clip=4 sigma=1e-05` (attack names and budgets left out: the panel names the attack)."""
+    parts = [p.strip() for p in str(label).split(",")]
+    kept = [p.replace("defense.", "").replace("defense=", "") for p in parts if not p.startswith("attack")]
+    return " ".join(kept) or str(label)
+
+
+def empty_panels(fig) -> list:
+    """The figure's panels that show nothing: no line, point, bar or image, and no sentence saying why."""
+    return [ax for ax in fig.axes
+            if ax.get_visible() and not (ax.lines or ax.collections or ax.patches or ax.images or ax.texts)]
+
+
+def _save(fig, path: Path) -> None:
+    """Save a figure whose every panel shows data or says in words why it has none (never empty axes)."""
+    for ax in empty_panels(fig):
+        _say_empty(ax, f"{ax.get_title() or 'this panel'}: nothing to show")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    _plt().close(fig)
+
+
+def _say_empty(ax, text: str) -> None:
+    """A panel with nothing to draw says why, in words, instead of showing empty axes."""
+    ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=9, wrap=True, transform=ax.transAxes,
+            color="#a33")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+KEYLOCK_ATTACKERS = ("no_key", "known_key", "regress_key", "adaptive")
+
+
+def keylock_summary(df):
+    """Key-lock's claim as numbers: one row per arm, FedAvg without the block ("none") and with it, per attacker
+    option: final accuracy (mean, spread over seeds, seeds), and the attack's identified rate and PSNR at the
+    first and the last attacked round. Empty when the table has no key-lock run."""
+    import pandas as pd  # heavy: pandas loads only when a table is built
+
+    if "defense" not in df.columns or not (df["defense"] == "keylock").any():
+        return pd.DataFrame()
+    d = df.copy()
+    attacker = d["defense_attacker"] if "defense_attacker" in d.columns else pd.Series([None] * len(d), index=d.index)
+    if "defense.attacker" in d.columns:
+        attacker = d["defense.attacker"].where(d["defense.attacker"].notna(), attacker)
+    d["_arm"] = ["FedAvg, no key-lock" if dfn == "none" else f"key-lock, attacker {a}" if dfn == "keylock" else None
+                 for dfn, a in zip(d["defense"], attacker)]
+    d["_attacker"] = attacker
+    d = d[d["_arm"].notna()]
+    d["round"] = pd.to_numeric(d.get("round"), errors="coerce")
+    rows = []
+    for arm, part in d.groupby("_arm", sort=False):
+        runs = part.groupby("run").agg(acc=("final_accuracy", "first"), seed=("seed", "first")
+                                       if "seed" in part.columns else ("run", "first"))
+        acc = pd.to_numeric(runs["acc"], errors="coerce").dropna()
+        row = {"arm": arm, "defense": part["defense"].iloc[0], "attacker": part["_attacker"].iloc[0],
+               "attack": ", ".join(sorted(part["attack"].dropna().astype(str).unique())),
+               "accuracy": float(acc.mean()) if len(acc) else None,
+               "accuracy_std": float(acc.std()) if len(acc) > 1 else None, "seeds": int(len(acc))}
+        scored = part[part["round"].notna()]
+        for when, number in (("first", scored["round"].min()), ("last", scored["round"].max())):
+            at = scored[scored["round"] == number]
+            row[f"{when}_round"] = None if pd.isna(number) else int(number)
+            for metric in ("identified", "psnr"):
+                values = pd.to_numeric(at.get(metric), errors="coerce").dropna() if metric in at else []
+                row[f"{when}_{metric}"] = float(values.mean()) if len(values) else None
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    order = {"none": -1, **{a: i for i, a in enumerate(KEYLOCK_ATTACKERS)}}
+    out["_o"] = [order.get("none" if d == "none" else a, 9) for d, a in zip(out["defense"], out["attacker"])]
+    return out.sort_values("_o", kind="stable").drop(columns="_o").reset_index(drop=True)
+
+
+def accuracy_by_seed(df, defense: str):
+    """Final accuracy of `defense`'s runs, one value per seed (runs that differ only in the attacker option train
+    identically: one of them stands for its seed)."""
+    import pandas as pd  # heavy: pandas loads only when a table is built
+
+    part = df[df["defense"] == defense]
+    seed = part["seed"] if "seed" in part.columns else part["run"]
+    per_run = part.assign(_seed=seed).groupby("run").agg(acc=("final_accuracy", "first"), seed=("_seed", "first"))
+    return pd.to_numeric(per_run.groupby("seed")["acc"].first(), errors="coerce").dropna()
+
+
+def keylock_plot(df, path: Path) -> Path | None:
+    """Left: final accuracy of FedAvg without and with the key-lock block (bars: mean over seeds, ticks: spread,
+    dots: each seed). Middle and right: the attack's identified rate and PSNR per attacker option, at the first and
+    the last attacked round."""
+    import pandas as pd  # heavy: pandas loads only when a table is built
+
+    table = keylock_summary(df)
+    if table.empty or table["accuracy"].isna().all():
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    acc = table.drop_duplicates("defense")       # training does not depend on the attacker option
+    seeds = {defense: accuracy_by_seed(df, defense) for defense in acc["defense"]}
+    names = ["FedAvg" if d == "none" else "FedAvg + key-lock" for d in acc["defense"]]
+    ax = axes[0]
+    colors = _colors(2)
+    for k, (defense, name) in enumerate(zip(acc["defense"], names)):
+        values = seeds[defense]
+        if values.empty:
+            continue
+        ax.bar(k, values.mean(), yerr=values.std() if len(values) > 1 else 0, capsize=6, color=colors[k % 2],
+               alpha=0.7)
+        ax.scatter([k] * len(values), values, color="black", s=12, zorder=3)
+        ax.annotate(f"{values.mean():.1%}" + (f" ± {values.std():.1%}" if len(values) > 1 else ""),
+                    (k, max(values.max(), values.mean() + (values.std() if len(values) > 1 else 0))),
+                    xytext=(0, 6), textcoords="offset points", ha="center", fontsize=8)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels([f"{n}\n({len(seeds[d])} seeds)" for n, d in zip(names, acc["defense"])], fontsize=8)
+    ax.set_ylabel("final test accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title("utility: the same task and budget", fontsize=10)
+    ax.grid(alpha=0.3, axis="y")
+    several = table["attack"].nunique() > 1     # e.g. the demo: SPEAR without a defense, IG through the lock
+    labels = [("no defense" if d == "none" else str(a)) + (f"\n({k})" if several else "")
+              for d, a, k in zip(table["defense"], table["attacker"], table["attack"])]
+    x = np.arange(len(table))
+    for ax, metric, ylabel in ((axes[1], "identified", "identified (fraction of the batch)"),
+                               (axes[2], "psnr", "PSNR (dB)")):
+        first, last = table[f"first_{metric}"], table[f"last_{metric}"]
+        if pd.to_numeric(first, errors="coerce").isna().all() and pd.to_numeric(last, errors="coerce").isna().all():
+            _say_empty(ax, f"no {metric} scored")
+            continue
+        r1 = table["first_round"].dropna()
+        r2 = table["last_round"].dropna()
+        ax.bar(x - 0.2, pd.to_numeric(first, errors="coerce").fillna(0), 0.4, color="#90a4ae",
+               label=f"round {int(r1.min()) if len(r1) else '?'} (fresh model)")
+        ax.bar(x + 0.2, pd.to_numeric(last, errors="coerce").fillna(0), 0.4, color="#37474f",
+               label=f"round {int(r2.max()) if len(r2) else '?'} (trained)")
+        ax.set_xticks(x)
+        ax.set_xticklabels(labels, fontsize=8, rotation=15)
+        ax.set_ylabel(ylabel)
+        if metric == "identified":
+            ax.set_ylim(0, 1.03)
+        attack = ", ".join(sorted(set(table["attack"]) - {""}))
+        ax.set_title(f"{attack}: {metric} per attacker option", fontsize=10)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=7)
+    _save(fig, path)
+    return path

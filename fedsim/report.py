@@ -339,7 +339,13 @@ def runs_table(jobs: list[Job], tidy=None):
             if metric in part.columns:
                 values = pd.to_numeric(part[metric], errors="coerce").dropna()
                 row[f"mean_{metric}"] = float(values.mean()) if len(values) else None
+                if metric == "psnr":  # the spread over clients, rounds (and images, one per client at batch 1)
+                    row["std_psnr"] = float(values.std()) if len(values) > 1 else None
         attacked = part[part["attack"].notna()] if "attack" in part.columns else part.iloc[0:0]
+        row.update(_first_and_last(attacked))
+        final = _final_round(job)
+        if isinstance(final.get("epsilon"), (int, float)):
+            row["epsilon"] = final["epsilon"]
         raised = attacked["error"].notna() & (attacked["error"].astype(str) != "") if "error" in attacked else []
         row["attacks"], row["attacks_raised"] = len(attacked), int(sum(raised))
         for col in ("defense", "strength", "strength_knob"):
@@ -354,6 +360,27 @@ def runs_table(jobs: list[Job], tidy=None):
                         _s=pd.to_numeric(runs.get("strength", pd.Series(dtype=float)), errors="coerce").fillna(-1))
     runs = runs.loc[order.sort_values(["_d", "_s", "label", "run"], kind="stable").index].reset_index(drop=True)
     return _typed(runs)
+
+
+def _first_and_last(attacked) -> dict[str, Any]:
+    """Attack success at the first and the last attacked round of a run (`first_round`, `first_<metric>`, ...):
+    a fresh model against the trained one."""
+    import pandas as pd  # heavy: pandas loads only when a table is built
+
+    if attacked.empty or "round" not in attacked.columns:
+        return {}
+    rounds = pd.to_numeric(attacked["round"], errors="coerce").dropna()
+    if rounds.empty:
+        return {}
+    out: dict[str, Any] = {}
+    for when, number in (("first", rounds.min()), ("last", rounds.max())):
+        part = attacked[pd.to_numeric(attacked["round"], errors="coerce") == number]
+        out[f"{when}_round"] = int(number)
+        for metric in ("identified", "exact", "psnr", "ssim"):
+            if metric in part.columns:
+                values = pd.to_numeric(part[metric], errors="coerce").dropna()
+                out[f"{when}_{metric}"] = float(values.mean()) if len(values) else None
+    return out
 
 
 # --- the report ---------------------------------------------------------------------------------------------------------

@@ -279,10 +279,12 @@ class RunRecorder:
     """The hook's recorder for a fedsim run: JSONL records, image grids and the console, as rounds finish."""
 
     def __init__(self, writer: ResultsWriter, *, run_info: Mapping[str, Any], rounds: int, grid_clients: int = 2,
-                 grid_every_round: bool = False, console: Any = None) -> None:
+                 grid_every_round: bool = False, console: Any = None,
+                 grid_rounds: tuple[int, ...] | None = None) -> None:
         self.writer = writer
         self.info = dict(run_info)           # attack-independent columns: defense, seed, ...
         self.rounds = rounds
+        self.grid_rounds = grid_rounds       # the rounds gridded (default: the first and the last)
         self.grid_clients = grid_clients
         self.grid_every_round = grid_every_round
         self.console = console
@@ -337,7 +339,7 @@ class RunRecorder:
 
     # -- grids ------------------------------------------------------------------------------------------------------
     def _wants_grid(self, server_round: int, client: int) -> bool:
-        if not self.grid_every_round and server_round not in (1, self.rounds):
+        if not self.grid_every_round and server_round not in (self.grid_rounds or (1, self.rounds)):
             return False
         done = self._gridded[server_round]
         if client in done or len(done) >= self.grid_clients:

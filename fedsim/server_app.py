@@ -41,6 +41,7 @@ from fedsim.protocol import (
     RUN_CONFIG_KEY,
 )
 from fedsim.results import ResultsWriter, RunRecorder
+from fedsim.schedule import AttackSchedule
 from fedsim.strategy import FedsimStrategy
 from fedsim.threads import for_library, using
 from fedsim.training import evaluate
@@ -132,7 +133,8 @@ def run_federation(grid: Grid, run: RunConfig, output: str, *, show_progress: bo
                                                  "seed": run.seed, "mode": run.fl.mode,
                                                  "batch_size": run.fl.batch_size},
                                rounds=run.fl.rounds, grid_clients=run.output.grid_clients,
-                               grid_every_round=run.output.grid_every_round, console=console)
+                               grid_every_round=run.output.grid_every_round, console=console,
+                               grid_rounds=_grid_rounds(run))
         nodes = wait_for_nodes(grid, run.fl.clients, run.fl.discovery_timeout)
         partition_of = discover_partitions(grid, nodes, run.fl.clients, run.fl.discovery_timeout, config_yaml)
         grid = TimeoutGrid(grid)  # a reply later than fl.timeout is a timeout fault
@@ -163,7 +165,7 @@ def run_federation(grid: Grid, run: RunConfig, output: str, *, show_progress: bo
             return None
 
         hook = CuriousStrategy(strategy, [attack], model_fn, threat, targets=run.targets.targets,
-                               sample=run.targets.sample, seed=run.seed, recorder=recorder,
+                               sample=run.targets.sample, rounds=run.targets.rounds, seed=run.seed, recorder=recorder,
                                min_clients=run.fl.min_clients, client_of_node=partition_of, view=defense.observe,
                                max_ratio=run.fl.max_norm_ratio, check_aggregate=usable,
                                scorer=make_scorer(run.metrics.recovered_ssim),
@@ -235,3 +237,9 @@ def _prefixed(strength: Mapping[str, float]) -> dict:
 def _shippable(raw: Mapping[str, Any]) -> dict:
     """The config clients receive: everything but Hydra's own node and what the nodes hold of their own."""
     return {k: v for k, v in raw.items() if k not in ("hydra", "nodes")}
+
+
+def _grid_rounds(run) -> tuple[int, int] | None:
+    """The first and the last round the schedule attacks (`attack.rounds`), whose grids the run draws."""
+    chosen = AttackSchedule.parse(run.targets.rounds, "attack.rounds", run.fl.rounds).resolve(run.fl.rounds)
+    return (min(chosen), max(chosen)) if chosen else None

@@ -60,7 +60,13 @@ def test_there_are_four_labs_each_with_commands_and_questions():
         assert name in (LABS / "README.md").read_text()
 
 
-@pytest.mark.parametrize("lab", LAB_FILES)
+# Labs whose study trains a model until it has learned (tens of rounds per job, minutes in all): run as written in
+# the slow set; in the default set every job of their sweeps is composed and validated instead (seconds).
+TRAINING_LABS = ("03_noise_utility.md", "04_keylock.md")
+
+
+@pytest.mark.parametrize("lab", [pytest.param(name, marks=pytest.mark.slow) if name in TRAINING_LABS else name
+                                 for name in LAB_FILES])
 def test_the_lab_runs_as_written(lab, tmp_path):
     text = (LABS / lab).read_text()
     for group, option in requirements(text):
@@ -78,3 +84,31 @@ def test_the_lab_runs_as_written(lab, tmp_path):
     assert pages, f"{lab} produced no report page"
     # Timing is checked loosely: the test machine is shared and slower than a laptop.
     assert elapsed < 3 * LAB_SECONDS, f"{lab} took {elapsed:.0f} s"
+
+
+@pytest.mark.parametrize("lab", TRAINING_LABS)
+def test_every_job_of_a_training_labs_sweep_is_a_valid_run(lab):
+    """The default set's check of labs 3 and 4 (their full run is slow): each `fedsim -m` command composes, its
+    study expands into jobs, and every job's configuration passes fedsim's checks at the door."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    from experiments.sweeps import study_jobs
+    from fedsim.cli import CONF_DIR
+    from fedsim.config import validate
+
+    text = (LABS / lab).read_text()
+    sweeps = [shlex.split(c)[2:] for c in commands(text) if shlex.split(c)[:2] == ["fedsim", "-m"]]
+    assert sweeps, f"{lab} runs no study"
+    for args in sweeps:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose(config_name="config", overrides=args, return_hydra_config=True)
+            sweeper = OmegaConf.to_container(cfg.hydra.sweeper, resolve=True)
+            jobs = study_jobs(sweeper.get("params"), sweeper.get("arms"), [a for a in args if "experiment" not in a],
+                              OverridesParser.create())
+            assert len(jobs) >= 4
+            for job in jobs:
+                run = validate(OmegaConf.to_container(compose(config_name="config", overrides=[*args, *job]),
+                                                      resolve=True), deep=False)
+                assert run.fl.rounds >= 50        # trained until the model has learned, not two rounds

@@ -108,10 +108,18 @@ def test_the_command_line_writes_the_report_and_says_where(sweep, tmp_path, caps
     capsys.readouterr()
     assert main(["--markdown", str(sweep)]) == 0                        # the study table, as README shows it
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "| setting | identified | exact | PSNR dB | SSIM | final acc |" and len(lines) == 2 + 3
-    assert "| fl.batch_size=1 | 100% | 100% | 100.0 |" in "\n".join(lines)
+    assert lines[0] == "| setting | identified | exact | PSNR dB | SSIM | final acc | attacked rounds |"
+    assert len(lines) == 2 + 3
+    # each cell at the first and the last attacked round
+    assert "| fl.batch_size=1 | 100% → 100% | 100% → 100% | 100.0 → 100.0 |" in "\n".join(lines)
+    assert lines[2].endswith("| 1 → 2 |")
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["fedsim-report"] == "fedsim.report:main"
+
+
+def test_the_screenshot_test_runs_here():
+    """The Chromium test below must run, not skip, where the suite runs (apt-get install chromium)."""
+    assert chromium() is not None, "install chromium (apt-get install -y chromium) to render the report page"
 
 
 def chromium() -> str | None:
@@ -133,8 +141,7 @@ IMAGE_CHECK = """<script>window.addEventListener('load', function () {
 
 def test_the_page_renders_in_headless_chromium_with_every_plot_and_grid(report, tmp_path):
     browser = chromium()
-    if browser is None:   # .ci/run installs it where apt can reach Debian's mirrors; the page checks above still ran
-        pytest.skip("chromium is not installed (apt-get install chromium)")
+    assert browser is not None, "chromium is not installed (apt-get install -y chromium)"
     # A copy of the page with a script that lists every image and its decoded size once the page has loaded.
     probe = report.directory / "probe.html"
     probe.write_text(report.page.read_text().replace("</body>", IMAGE_CHECK + "</body>"))
@@ -149,6 +156,15 @@ def test_the_page_renders_in_headless_chromium_with_every_plot_and_grid(report, 
     assert len(plots) == len(report.plots) >= 3 and len(grids) == 8
     assert all(w > 100 and h > 100 for w, h in sources.values()), sources   # every image decoded
 
+    # no empty plot: every plot image holds coloured marks (lines, points, bars, or a sentence saying why not)
+    import matplotlib.image
+
+    for plot in report.plots:
+        pixels = matplotlib.image.imread(plot)[..., :3]
+        coloured = ((pixels.max(axis=2) - pixels.min(axis=2)) > 0.2).mean()
+        assert coloured > 1e-4, f"{plot.name} looks empty"   # empty axes: black, white and grey only (0)
+    assert "In one minute" in dom.stdout and "grids</a>" in dom.stdout   # the first screen: findings, grid links
+
     shot = tmp_path / "page.png"
     subprocess.run([*base, "--window-size=1280,2000", f"--screenshot={shot}", report.page.as_uri()],
                    capture_output=True, timeout=120)
@@ -158,6 +174,8 @@ def test_the_page_renders_in_headless_chromium_with_every_plot_and_grid(report, 
     assert pixels.shape[:2] == (2000, 1280)
     coloured = ((pixels.max(axis=2) - pixels.min(axis=2)) > 0.2).mean()  # plot lines, badges: not grey, not white
     assert coloured > 0.002 and pixels.std() > 0.05
+    top = pixels[:1000]                                                   # the first screen is not blank
+    assert top.std() > 0.05
 
 
 def test_a_defense_strength_is_the_knob_that_varies_and_the_frontier_keeps_undominated_settings():
@@ -199,6 +217,9 @@ def _rows(**columns):
            **{"stats.budget_exhausted": [False, False]}), "complete", "defense held"),
     (_rows(attack=["spear"] * 2, identified=[0.0, 0.0], exact=[0.0, 0.0], error=[None, None]), "complete",
      "defense held"),                                                   # no budget_exhausted recorded: false
+    (_rows(attack=["spear"] * 2, identified=[0.0, 0.0], exact=[0.0, 0.0], error=[None, None],
+           **{"stats.budget_exhausted": pd.array([pd.NA, pd.NA], dtype="boolean")}), "complete",
+     "defense held"),                                                   # an attack that records none (NA)
     (_rows(attack=["spear"] * 2, identified=[0.0, 0.0], exact=[0.0, 0.0], error=["ReconstructionFailed: x"] * 2),
      "complete", "failed"),
     (None, "invalid", "not applicable"),
@@ -223,3 +244,81 @@ def test_an_attack_that_always_raised_gets_no_plot_and_a_note_saying_so(tmp_path
     assert [p.name for p in plots] == ["attack_per_round.png", "privacy_utility.png"]
     assert any(n.startswith("No plots for spear: every attack raised (RuntimeError: boom)") for n in notes)
     assert any("no defense was run at two or more strengths" in n for n in notes)
+
+
+def _study_table():
+    """A tidy table as a key-lock study writes it: FedAvg without and with the block (3 seeds each), two more
+    attacker options, attacked at rounds 1 and 50; one attack (labels_only) scores no image metric."""
+    rows = []
+    accs = {("none", 0): 0.60, ("none", 1): 0.56, ("none", 2): 0.58,
+            ("keylock", 0): 0.50, ("keylock", 1): 0.48, ("keylock", 2): 0.46}
+    runs = [("none", None, s) for s in (0, 1, 2)] + [("keylock", "no_key", s) for s in (0, 1, 2)] + \
+        [("keylock", "known_key", 0), ("keylock", "adaptive", 0)]
+    for defense, attacker, seed in runs:
+        run = f"{defense}-{attacker}-{seed}"
+        label = "defense=none" if defense == "none" else f"defense=keylock, defense.attacker={attacker}"
+        for rnd in (1, 50):
+            ident = {None: 1.0, "no_key": 0.0, "known_key": 0.5, "adaptive": 0.25}[attacker]
+            rows.append(dict(run=run, label=label, status="complete", defense=defense, seed=seed,
+                             **{"defense.attacker": attacker}, attack="keylock_inversion", round=rnd, client=0,
+                             identified=ident * (1 if rnd == 1 else 0.5), exact=0.0, psnr=10 + 20 * ident,
+                             final_accuracy=accs[(defense, seed)], strength=0.0, strength_knob=None, error=None))
+    return pd.DataFrame(rows)
+
+
+def test_keylock_claim_is_one_table_of_accuracy_over_seeds_beside_each_attacker(tmp_path):
+    from fedsim.page import keylock_table
+    from fedsim.plots import keylock_plot, keylock_summary
+
+    df = _study_table()
+    table = keylock_summary(df)
+    assert list(table["arm"]) == ["FedAvg, no key-lock", "key-lock, attacker no_key", "key-lock, attacker known_key",
+                                  "key-lock, attacker adaptive"]
+    fedavg = table.iloc[0]
+    assert fedavg["seeds"] == 3 and fedavg["accuracy"] == pytest.approx(0.58)
+    assert fedavg["accuracy_std"] == pytest.approx(0.02)
+    known = table.iloc[2]
+    assert (known["first_round"], known["last_round"]) == (1, 50)
+    assert (known["first_identified"], known["last_identified"]) == (0.5, 0.25)
+    page = keylock_table(df)
+    assert "58.0% ± 2.0% (3 seeds)" in page and "48.0% ± 2.0% (3 seeds)" in page and "50% → 25%" in page
+    assert keylock_plot(df, tmp_path / "keylock.png").exists()
+
+
+def test_no_plot_has_an_empty_panel_and_every_frontier_point_names_its_setting(tmp_path, monkeypatch):
+    import fedsim.plots as plots
+
+    df = _study_table()
+    extra = df[df["run"] == "none-None-0"].assign(attack="labels_only", identified=None, exact=None, psnr=None,
+                                                  label_acc=1.0)
+    df = pd.concat([df, extra.assign(psnr=12.0)], ignore_index=True)   # scores PSNR only: other panels say so
+    drawn = {}
+    save = plots._save
+
+    def checked(fig, path):
+        drawn[path.name] = [t.get_text() for ax in fig.axes for t in ax.texts]
+        assert plots.empty_panels(fig) == [], path.name   # each function fills or explains every panel itself
+        save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", checked)
+    notes: list[str] = []
+    made = plots.make_plots(df, None, tmp_path, notes)
+    assert {p.name for p in made} >= {"attack_per_round.png", "privacy_utility.png", "keylock.png"}
+    assert "labels_only scores no identified" in drawn["attack_per_round.png"]
+    assert {"none", "keylock attacker=no_key", "keylock attacker=adaptive"} <= set(drawn["privacy_utility.png"])
+
+
+def test_the_first_screen_says_per_defense_what_leaked_its_epsilon_and_accuracy_cost():
+    from fedsim.page import summary
+
+    runs = pd.DataFrame([
+        dict(run="a", label="defense=none", defense="none", seed=0, first_round=1, last_round=50,
+             first_identified=1.0, last_identified=1.0, final_accuracy=0.60, attacks=2, attacks_raised=0),
+        dict(run="b", label="defense=noise, defense.sigma=0.5", defense="noise", seed=0, first_round=1, last_round=50,
+             first_identified=1.0, last_identified=0.25, final_accuracy=0.55, epsilon=12.5, attacks=2,
+             attacks_raised=0)])
+    tidy = pd.DataFrame({"run": ["a", "b"], "attack": ["spear", "spear"]})
+    lines = summary(runs, {"b": "grids-b"}, tidy)
+    assert len(lines) == 2 and lines[0].startswith("<b>No defense (against spear)</b>")
+    assert ("sigma=0.5 (ε = 12.5): identified 100% at round 1, 25% at round 50, final accuracy 55.0% "
+            "(-5.0 points against no defense) <a href='#grids-b'>grids</a>") in lines[1]
