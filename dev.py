@@ -61,7 +61,7 @@ def main() -> int:
     if command == "demo":  # SPEAR against each defense (a resumable study) and its report: table, plots, grids
         return run([str(BIN / "fedsim"), "-m", "+experiment=spear_vs_defenses", *args])
     if command == "readme":  # README's demo table is this program's output (tests/test_readme_demo.py checks it)
-        return run([str(BIN / "python"), "-m", "experiments.readme", *args])
+        return run([str(BIN / "python"), "-m", "fedsim.experiments.readme", *args])
     if command == "test":
         return run([str(BIN / "python"), "-m", "pytest", "-q", "-m", "not slow", *args])
     if command in ("fedsim", "pytest"):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from attacks.base import Attack, register_attack
+from fedsim.attacks.base import Attack, register_attack
 from fedsim.errors import AttackNotApplicable
 from fedsim.models.inspect import first_layer
 from fedsim.threat import Observation, Reconstruction, TrainMeta

@@ -18,7 +18,7 @@ from fedsim.errors import AttackNotApplicable
 from fedsim.registry import Registry
 from fedsim.threat import Observation, Reconstruction, TrainMeta
 
-ATTACKS: Registry[type["Attack"]] = Registry("attack", package="attacks")
+ATTACKS: Registry[type["Attack"]] = Registry("attack", package="fedsim.attacks")
 
 register_attack = ATTACKS.register
 

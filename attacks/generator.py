@@ -1,5 +1,5 @@
 """The style-based generator GI-SMN searches through (`MiniStyleGen`, a small StyleGAN2-like network): built here,
-trained offline as a prior by `attacks.prior`, searched by `attacks.gismn`. Both import it; neither imports the
+trained offline as a prior by `fedsim.attacks.prior`, searched by `fedsim.attacks.gismn`. Both import it; neither imports the
 other's internals for it.
 """
 

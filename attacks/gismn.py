@@ -3,7 +3,7 @@
 GI-SMN inverts a shared gradient by searching the latent space of a pre-trained style-based generator (StyleGAN-XL
 in the paper) instead of pixel space: the prior shrinks the search space, which is what lets it work against pruned
 and noisy gradients. fedsim cannot download StyleGAN-XL, so the prior here is `MiniStyleGen`, a small StyleGAN2-like
-generator trained offline on bundled photographs (`attacks.prior`); `docs/gismn.md` lists what that changes.
+generator trained offline on bundled photographs (`fedsim.attacks.prior`); `docs/gismn.md` lists what that changes.
 
 The attack (`GISMN`, registered as `gismn`), for R restarts of a batch of B images in parallel:
 
@@ -32,11 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attacks.base import Attack, register_attack
-from attacks.generator import _LUMA, PRIOR_SOURCES, GeneratorConfig, MiniStyleGen, build_generator  # noqa: F401
-from attacks.labels import recover_labels
-from attacks.matching import cosine_distance, euclidean_distance, model_gradients, nonzero_mask, total_variation
-from attacks.prior import PriorConfig, obtain_prior
+from fedsim.attacks.base import Attack, register_attack
+from fedsim.attacks.generator import _LUMA, PRIOR_SOURCES, GeneratorConfig, MiniStyleGen, build_generator  # noqa: F401
+from fedsim.attacks.labels import recover_labels
+from fedsim.attacks.matching import cosine_distance, euclidean_distance, model_gradients, nonzero_mask, total_variation
+from fedsim.attacks.prior import PriorConfig, obtain_prior
 from fedsim.errors import AttackNotApplicable, ReconstructionFailed
 from fedsim.schema import knob
 from fedsim.threat import Observation, Reconstruction, TrainMeta
@@ -71,7 +71,7 @@ class GISMNConfig:
                          help="per-stage learning-rate decay: cosine to 0, or x0.1 at 3/8, 5/8, 7/8 (as IG)")
     seed: int = knob(0, help="seed of the initial latents")
     prior_source: str = knob("auxiliary", choices=PRIOR_SOURCES,
-                             help="data the prior was trained on (python -m attacks.prior --source)")
+                             help="data the prior was trained on (python -m fedsim.attacks.prior --source)")
     prior_root: str | None = knob(None, help="torchvision root for a torchvision prior source")
     prior_steps: int = knob(600, ge=1, help="training steps of the prior to load (part of its cache name)")
     prior_seed: int = knob(0, help="training seed of the prior to load")
@@ -269,7 +269,7 @@ class GISMN(Attack):
 
     def __init__(self, config: GISMNConfig | None = None, *, prior=None) -> None:
         super().__init__(config)
-        self._prior = prior  # an attacks.prior.Prior; loaded (or trained) on first use when None
+        self._prior = prior  # an fedsim.attacks.prior.Prior; loaded (or trained) on first use when None
 
     # Knobs -> the prior's identity in the cache.
     def prior_config(self):

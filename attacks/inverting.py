@@ -5,7 +5,7 @@ Optimisation-based gradient inversion: find inputs whose gradient matches the ob
 - Inverting Gradients (sec. 4 of the paper, `inversefed` defaults of `reconstruct_image.py`): one cosine distance
   over all layers concatenated, plus total variation; Adam on the sign of the gradient ("signed"); after each step
   the candidate is projected onto valid images ("boxed"); step size x0.1 at 3/8, 5/8 and 7/8 of the budget; several
-  restarts, the one with the lowest matching loss wins. Labels by analytic recovery (`attacks.labels`).
+  restarts, the one with the lowest matching loss wins. Labels by analytic recovery (`fedsim.attacks.labels`).
 - DLG (Zhu, Liu, Han; NeurIPS 2019, alg. 1): squared Euclidean distance, L-BFGS with step 1, soft labels optimised
   jointly with the inputs. Registered as `dlg` (a preset: the same machinery with other defaults).
 - iDLG (Zhao, Mopuri, Bilen 2020): DLG with the label recovered analytically. Registered as `idlg`.
@@ -29,9 +29,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from attacks.base import Attack, register_attack
-from attacks.labels import LABEL_METHODS, find_last_linear, last_layer_gradient, recover_labels, samples_in_update
-from attacks.matching import cosine_distance, cross_entropy, euclidean_distance, total_variation
+from fedsim.attacks.base import Attack, register_attack
+from fedsim.attacks.labels import LABEL_METHODS, find_last_linear, last_layer_gradient, recover_labels, samples_in_update
+from fedsim.attacks.matching import cosine_distance, cross_entropy, euclidean_distance, total_variation
 from fedsim.errors import AttackNotApplicable, ReconstructionFailed
 from fedsim.schema import knob
 from fedsim.threat import Normalization, Observation, Reconstruction, TrainMeta
@@ -362,7 +362,7 @@ class InvertingConfig:
                          help="cosine over all layers at once (IG) or squared euclidean (DLG)")
     tv_weight: float = knob(1e-2, ge=0, help="weight of the total variation of the candidate (model space)")
     label_strategy: str = knob("analytic", choices=("analytic", "joint"),
-                               help="analytic: attacks.labels; joint: optimise soft labels with the inputs (DLG)")
+                               help="analytic: fedsim.attacks.labels; joint: optimise soft labels with the inputs (DLG)")
     label_method: str = knob("auto", choices=LABEL_METHODS, help="analytic method (see attack=labels)")
     mask: str = knob("auto", choices=("auto", "on", "off"),
                      help="match only the non-zero coordinates of a pruned update; auto: when it looks pruned")
@@ -472,7 +472,7 @@ class DLGConfig(InvertingConfig):
     distance: str = knob("euclidean", choices=tuple(DISTANCES), help="squared euclidean (DLG) or cosine (IG)")
     tv_weight: float = knob(0.0, ge=0, help="weight of the total variation of the candidate (DLG: none)")
     label_strategy: str = knob("joint", choices=("analytic", "joint"),
-                               help="joint: optimise soft labels with the inputs (DLG); analytic: attacks.labels")
+                               help="joint: optimise soft labels with the inputs (DLG); analytic: fedsim.attacks.labels")
 
 
 @register_attack("dlg")
@@ -488,7 +488,7 @@ class IDLGConfig(DLGConfig):
     """iDLG: DLG with the label recovered from the last layer's gradient (exact for one sample)."""
 
     label_strategy: str = knob("analytic", choices=("analytic", "joint"),
-                               help="analytic: attacks.labels (iDLG); joint: optimise soft labels (DLG)")
+                               help="analytic: fedsim.attacks.labels (iDLG); joint: optimise soft labels (DLG)")
     label_method: str = knob("idlg", choices=LABEL_METHODS, help="iDLG's rule for b = 1; auto also handles b > 1")
 
 

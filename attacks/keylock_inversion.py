@@ -3,7 +3,7 @@
 Inverting Gradients' recipe (Geiping et al. 2020: signed Adam on one global cosine distance plus total variation,
 boxed to valid images, step size x0.1 at 3/8, 5/8 and 7/8 of the budget), extended with the unknowns of the lock.
 The option in force comes from the threat model (`TrainMeta.private["keylock.attacker"]`, set by
-`defenses.keylock.KeyLockDefense.observe`):
+`fedsim.defenses.keylock.KeyLockDefense.observe`):
 
 - `no_key`: gamma and beta are the server's own random ones, fixed (FedKL's setting).
 - `known_key`: the client's gamma and beta, granted by the threat model, fixed.
@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from attacks.base import Attack, register_attack
-from attacks.matching import cosine_distance, total_variation
+from fedsim.attacks.base import Attack, register_attack
+from fedsim.attacks.matching import cosine_distance, total_variation
 from fedsim.errors import AttackNotApplicable, ReconstructionFailed
 from fedsim.models.keylock import ATTACKER_KEY, PublicLock, lock_blocks
 from fedsim.schema import knob

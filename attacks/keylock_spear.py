@@ -25,7 +25,7 @@ Only when the client keeps its statistics (`fl.send_buffers=false`) is the outpu
 variance (mean and contrast unknown; `stats["statistics"] = "none"`). `stats` also record whether the features
 were certified and how well the centred batch is determined (`gap`: smallest / next singular value).
 
-Needs `attacks.spear` (SPEAR's pure `reconstruct`) and a fedsim FC model (`Sequential` of Flatten, [Linear, ReLU]*,
+Needs `fedsim.attacks.spear` (SPEAR's pure `reconstruct`) and a fedsim FC model (`Sequential` of Flatten, [Linear, ReLU]*,
 Linear) whose first Linear is locked.
 """
 
@@ -36,9 +36,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from attacks.base import Attack, register_attack
-from attacks.keylock_stats import locked_statistics, mean_input, restore_batch
-from attacks.spear import reconstruct as spear
+from fedsim.attacks.base import Attack, register_attack
+from fedsim.attacks.keylock_stats import locked_statistics, mean_input, restore_batch
+from fedsim.attacks.spear import reconstruct as spear
 from fedsim.errors import AttackNotApplicable, ReconstructionFailed
 from fedsim.models.keylock import KeyLockBlock
 from fedsim.schema import knob

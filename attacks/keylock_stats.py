@@ -37,7 +37,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from attacks.base import Attack, register_attack
+from fedsim.attacks.base import Attack, register_attack
 from fedsim.errors import AttackNotApplicable, ReconstructionFailed
 from fedsim.models.keylock import lock_blocks
 from fedsim.threat import Observation, Reconstruction, TrainMeta

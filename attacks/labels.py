@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from attacks.base import Attack, register_attack
+from fedsim.attacks.base import Attack, register_attack
 from fedsim.errors import AttackNotApplicable
 from fedsim.schema import knob
 from fedsim.threat import Observation, Reconstruction, TrainMeta

@@ -1,6 +1,6 @@
 """The GI-SMN-style attack's generative prior: trained offline, cached with a checksum, loaded by the attack.
 
-The paper uses a pre-trained StyleGAN-XL; fedsim trains a `MiniStyleGen` (`attacks.generator`) itself, with no download:
+The paper uses a pre-trained StyleGAN-XL; fedsim trains a `MiniStyleGen` (`fedsim.attacks.generator`) itself, with no download:
 
 * data: random 32x32 crops of an image pyramid of the bundled photographs in `AUXILIARY_PHOTOS` (never the victim
   photographs of `patches`), with flips and an optional colour augmentation, or a torchvision dataset the user
@@ -11,7 +11,7 @@ The paper uses a pre-trained StyleGAN-XL; fedsim trains a `MiniStyleGen` (`attac
 * cache: `<cache>/priors/gismn-v<GENERATOR_VERSION>-<source>-<config hash>.pt` next to a `.sha256` file, verified on
   every load; `<cache>` is `$FEDSIM_CACHE`, else `~/.cache/fedsim`.
 
-Command line: `python -m attacks.prior --source auxiliary --steps 600` (see `main`).
+Command line: `python -m fedsim.attacks.prior --source auxiliary --steps 600` (see `main`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import Tensor, nn
 
-from attacks.generator import GENERATOR_VERSION, PRIOR_SOURCES, GeneratorConfig, MiniStyleGen, build_generator
+from fedsim.attacks.generator import GENERATOR_VERSION, PRIOR_SOURCES, GeneratorConfig, MiniStyleGen, build_generator
 from fedsim.data import load_dataset
 from fedsim.data.embedded import AUXILIARY_PHOTOS, PATCH_PHOTOS, load_photo, random_crops
 from fedsim.errors import ConfigError, FedsimError
@@ -136,7 +136,7 @@ def prior_path(config: PriorConfig, cache: str | os.PathLike | None = None) -> P
 def build_command(config: PriorConfig, cache: str | os.PathLike | None = None) -> str:
     """The shell command that trains and caches the prior for `config`."""
     default = PriorConfig()
-    parts = ["python -m attacks.prior", f"--source {config.source}", f"--steps {config.steps}"]
+    parts = ["python -m fedsim.attacks.prior", f"--source {config.source}", f"--steps {config.steps}"]
     for name, flag in (("batch_size", "--batch-size"), ("lr", "--lr"), ("beta", "--beta"), ("crops", "--crops"),
                        ("seed", "--seed")):
         if getattr(config, name) != getattr(default, name):
@@ -144,7 +144,7 @@ def build_command(config: PriorConfig, cache: str | os.PathLike | None = None) -
     if config.color_augment != default.color_augment:
         parts.append("--no-color-augment" if not config.color_augment else "--color-augment")
     if config.generator != default.generator:
-        parts.append("(non-default generator: build it with attacks.prior.train_and_cache)")
+        parts.append("(non-default generator: build it with fedsim.attacks.prior.train_and_cache)")
     if config.root is not None:
         parts.append(f"--root {config.root}")
     if cache is not None:
@@ -400,9 +400,9 @@ class _progress:
 # --- command line -----------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m attacks.prior [--source auxiliary] [--steps N] ...`: train and cache a GI-SMN prior."""
+    """`python -m fedsim.attacks.prior [--source auxiliary] [--steps N] ...`: train and cache a GI-SMN prior."""
     default = PriorConfig()
-    parser = argparse.ArgumentParser(prog="python -m attacks.prior",
+    parser = argparse.ArgumentParser(prog="python -m fedsim.attacks.prior",
                                      description="Train and cache the generative prior of the gismn attack.")
     parser.add_argument("--source", default=default.source, choices=SOURCES,
                         help="auxiliary: bundled photographs disjoint from the victims; else a torchvision dataset")

@@ -67,7 +67,7 @@ def standalone(case: str, jobs: int) -> dict:
     import torch
     from omegaconf import OmegaConf
 
-    from attacks.base import build_attack
+    from fedsim.attacks.base import build_attack
     from fedsim.api import compose
     from fedsim.config import validate
     from fedsim.data import load_dataset
@@ -152,7 +152,7 @@ def run_federated(case: str, cache: Path, *, parallel: bool, threads_one: bool =
 
 def prepare_prior(cache: Path) -> None:
     """The GI-SMN case's prior, trained once before any timing."""
-    code = ("from attacks.prior import PriorConfig, prior_path, train_and_cache\n"
+    code = ("from fedsim.attacks.prior import PriorConfig, prior_path, train_and_cache\n"
             f"c = PriorConfig(steps=50)\nimport pathlib\n"
             f"p = prior_path(c, {str(cache / 'priors')!r})\n"
             f"pathlib.Path(p).exists() or train_and_cache(c, {str(cache / 'priors')!r}, progress=False)\n")

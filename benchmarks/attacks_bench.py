@@ -39,9 +39,9 @@ from torchmetrics.functional.image import structural_similarity_index_measure
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from attacks.base import ATTACKS, build_attack  # noqa: E402
-from attacks.inverting import invert, pixel_box  # noqa: E402
-from attacks.matching import model_gradients  # noqa: E402
+from fedsim.attacks.base import ATTACKS, build_attack  # noqa: E402
+from fedsim.attacks.inverting import invert, pixel_box  # noqa: E402
+from fedsim.attacks.matching import model_gradients  # noqa: E402
 from fedsim.data import DataBundle, load_dataset  # noqa: E402
 from fedsim.models import build_model  # noqa: E402
 from fedsim.threat import Observation, TrainMeta  # noqa: E402

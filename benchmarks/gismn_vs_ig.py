@@ -32,9 +32,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from attacks.base import build_attack  # noqa: E402
-from attacks.gismn import GISMN, GISMNConfig  # noqa: E402
-from attacks.matching import model_gradients  # noqa: E402
+from fedsim.attacks.base import build_attack  # noqa: E402
+from fedsim.attacks.gismn import GISMN, GISMNConfig  # noqa: E402
+from fedsim.attacks.matching import model_gradients  # noqa: E402
 from fedsim.data import load_dataset  # noqa: E402
 from fedsim.metrics import psnr  # noqa: E402
 from fedsim.models import build_model  # noqa: E402

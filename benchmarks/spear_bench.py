@@ -5,7 +5,7 @@ bundled with scikit-image/scikit-learn, normalised per channel): real, correlate
 (fewer zeros per column than Gaussian inputs), with no download. Each trial draws a fresh untrained FC network
 (one hidden ReLU layer of the given width, PyTorch's default init, seed = trial) and a fresh batch of distinct,
 linearly independent crops (identical crops cannot be told apart by any attack; redraws are counted), computes the
-FedSGD gradient of the mean cross-entropy by autograd in float32, and runs `attacks.spear.reconstruct` with the
+FedSGD gradient of the mean cross-entropy by autograd in float32, and runs `fedsim.attacks.spear.reconstruct` with the
 cell's budget. "Exact" means every sample is recovered with relative L2 error <= 1e-3 after Hungarian matching.
 
 `paper_expected` is the expected number of (b-1)-row proposals that the paper's uniform sampling would need for the
@@ -37,7 +37,7 @@ from scipy.optimize import linear_sum_assignment
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from attacks.spear import reconstruct  # noqa: E402
+from fedsim.attacks.spear import reconstruct  # noqa: E402
 from fedsim.data import load_dataset  # noqa: E402
 from fedsim.models import build_model  # noqa: E402
 

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from attacks.spear import distinct_samples, reconstruct  # noqa: E402
-from defenses.noise import clip_update, gaussian_noise  # noqa: E402
+from fedsim.attacks.spear import distinct_samples, reconstruct  # noqa: E402
+from fedsim.defenses.noise import clip_update, gaussian_noise  # noqa: E402
 from fedsim.data import load_dataset  # noqa: E402
 from fedsim.metrics import score  # noqa: E402
 from fedsim.models import build_model  # noqa: E402

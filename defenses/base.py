@@ -46,7 +46,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from fedsim.threat import Observation
 
-DEFENSES: Registry[type["Defense"]] = Registry("defense", package="defenses", default="none")
+DEFENSES: Registry[type["Defense"]] = Registry("defense", package="fedsim.defenses", default="none")
 register_defense = DEFENSES.register
 
 

@@ -53,7 +53,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from torch import Tensor, nn
 
-from defenses.base import ClientMod, ClientSide, Defense, register_defense
+from fedsim.defenses.base import ClientMod, ClientSide, Defense, register_defense
 from fedsim.data import load_dataset
 from fedsim.errors import ConfigError
 from fedsim.models import build_model

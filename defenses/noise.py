@@ -48,7 +48,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-from defenses.base import Defense, DefenseContext, register_defense
+from fedsim.defenses.base import Defense, DefenseContext, register_defense
 from fedsim.schema import knob
 
 MECHANISMS = ("gaussian", "laplace")

@@ -1,6 +1,6 @@
 """No defense: the client sends its update as it is."""
 
-from defenses.base import Defense, register_defense
+from fedsim.defenses.base import Defense, register_defense
 
 
 @register_defense("none")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from defenses.base import Defense, DefenseContext, register_defense
+from fedsim.defenses.base import Defense, DefenseContext, register_defense
 from fedsim.schema import knob
 
 SCOPES = ("tensor", "global")

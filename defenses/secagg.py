@@ -50,7 +50,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
-from defenses.base import ClientMod, Defense, register_defense
+from fedsim.defenses.base import ClientMod, Defense, register_defense
 from fedsim.data import load_dataset
 from fedsim.data.partition import partition
 from fedsim.errors import ConfigError, FedsimError

@@ -28,7 +28,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from defenses.base import ClientMod, Defense, DefenseContext, build_defense, register_defense
+from fedsim.defenses.base import ClientMod, Defense, DefenseContext, build_defense, register_defense
 from fedsim.errors import ConfigError
 from fedsim.schema import knob
 

@@ -1,4 +1,4 @@
-"""README.md's demo table is the program's output: `python3 dev.py readme` (or `python -m experiments.readme`).
+"""README.md's demo table is the program's output: `python3 dev.py readme` (or `python -m fedsim.experiments.readme`).
 
 It runs the demo's study afresh (`fedsim -m +experiment=spear_vs_defenses`, small grid) into
 `multirun/spear_vs_defenses/readme/`, prints its table (`fedsim-report --markdown`, the same rows the demo
@@ -19,7 +19,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from experiments.sweeps import study_jobs
+from fedsim.experiments.sweeps import study_jobs
 from fedsim.console import setting_name
 from fedsim.paths import CONF_DIR
 from fedsim.report import Job, job_label, markdown_table, parse_overrides, swept_keys

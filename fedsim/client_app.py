@@ -25,7 +25,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 
-from defenses.base import ClientMod, Defense, DefenseContext, build_defense
+from fedsim.defenses.base import ClientMod, Defense, DefenseContext, build_defense
 from fedsim.arrays import to_state_dict
 from fedsim.config import FLConfig, RunConfig, validate
 from fedsim.data import load_dataset

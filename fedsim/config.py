@@ -12,8 +12,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from attacks.base import build_attack
-from defenses.base import build_defense
+from fedsim.attacks.base import build_attack
+from fedsim.defenses.base import build_defense
 from fedsim.data import data_config, load_dataset
 from fedsim.data.partition import partition, partition_config
 from fedsim.errors import ConfigError

@@ -29,7 +29,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from torch import Tensor, nn
 
-from attacks.base import Attack, build_attack
+from fedsim.attacks.base import Attack, build_attack
 from fedsim.arrays import records
 from fedsim.errors import ConfigError
 from fedsim.grids import is_late
@@ -232,7 +232,7 @@ class CuriousStrategy(Strategy):
         `configure_train`, `aggregate_train` and `aggregate_evaluate` that it calls.
     attacks: attacks to run on each observation: registered names ("spear"), mappings of a name and its knobs as
         in the CLI's YAML (`{"name": "inverting", "iterations": 200}`), paths of such YAML files, or
-        `attacks.base.Attack` instances.
+        `fedsim.attacks.base.Attack` instances.
     model_fn: builds a fresh `nn.Module` with the architecture of the global model (weights are loaded from the
         ArrayRecord the server sends, by name).
     threat: what the server is assumed to know (`ThreatModel`).

@@ -20,8 +20,8 @@ import yaml
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from attacks.base import build_attack
-from defenses.base import build_defense
+from fedsim.attacks.base import build_attack
+from fedsim.defenses.base import build_defense
 from fedsim.config import RunConfig, threat_model, validate
 from fedsim.console import RunConsole, quiet_flower
 from fedsim.data import load_dataset

@@ -3,7 +3,7 @@
 Imported as `tests.spies` by every test that uses it, so it is registered once.
 """
 
-from attacks.base import Attack, register_attack
+from fedsim.attacks.base import Attack, register_attack
 from fedsim.threat import Reconstruction
 
 SEEN: list[tuple[int, int, dict, int | None]] = []   # (round, client, update, batch size granted)

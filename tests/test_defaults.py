@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from attacks.base import ATTACKS
-from defenses.base import DEFENSES
+from fedsim.attacks.base import ATTACKS
+from fedsim.defenses.base import DEFENSES
 from fedsim.paths import CONF_DIR
 
 

@@ -14,7 +14,7 @@ from tests.conftest import fedsim_run
 
 def _attack() -> tuple[str, ...]:
     """SPEAR when it is installed (certificate, labels, matching loss to record), else the analytic inversion."""
-    from attacks.base import ATTACKS
+    from fedsim.attacks.base import ATTACKS
 
     if "spear" in ATTACKS:
         return ("attack=spear", "attack.max_seconds=60", "fl.batch_size=4", "model.widths=[100]")

@@ -21,7 +21,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 from torch import nn
 
-from attacks.base import Attack, register_attack
+from fedsim.attacks.base import Attack, register_attack
 from fedsim import CuriousStrategy, ThreatModel, audit_mod
 from fedsim.audit import capture
 from fedsim.report import main as report_main

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from attacks.base import build_attack
-from attacks.labels import recover_labels
-from attacks.gismn import (GISMN, GISMNConfig, GeneratorConfig, build_generator, pruned_share,
+from fedsim.attacks.base import build_attack
+from fedsim.attacks.labels import recover_labels
+from fedsim.attacks.gismn import (GISMN, GISMNConfig, GeneratorConfig, build_generator, pruned_share,
                            to_victim_space)
-from attacks.matching import model_gradients
-from attacks.prior import (PriorConfig, PriorCorrupt, PriorNotFound, build_command, load_prior, main, prior_path,
+from fedsim.attacks.matching import model_gradients
+from fedsim.attacks.prior import (PriorConfig, PriorCorrupt, PriorNotFound, build_command, load_prior, main, prior_path,
                            train_and_cache, train_prior)
 from fedsim.data import load_dataset
 from fedsim.errors import AttackNotApplicable
@@ -109,7 +109,7 @@ def test_prior_cache_is_versioned_and_checksummed(cache, tmp_path):
     with pytest.raises(PriorCorrupt) as err:
         load_prior(PRIOR, broken)
     message = str(err.value)
-    assert "\n" not in message and str(copy) in message and "python -m attacks.prior" in message
+    assert "\n" not in message and str(copy) in message and "python -m fedsim.attacks.prior" in message
 
     # A missing checksum file is corruption too; a file built for another config is refused.
     (broken / (path.name + ".sha256")).unlink()
@@ -130,7 +130,7 @@ def test_missing_prior_tells_the_command_that_builds_it(tmp_path):
         attack.check(build_model({"name": "cnn"}, (3, 32, 32), 8), meta)
     message = str(err.value)
     assert "\n" not in message and str(tmp_path) in message
-    assert f"python -m attacks.prior --source auxiliary --steps {GISMNConfig().prior_steps}" in message
+    assert f"python -m fedsim.attacks.prior --source auxiliary --steps {GISMNConfig().prior_steps}" in message
 
 
 def test_attack_trains_a_missing_prior_when_allowed(tmp_path):
@@ -144,7 +144,7 @@ def test_attack_trains_a_missing_prior_when_allowed(tmp_path):
 def test_command_line_reuses_a_verified_cache(cache, capsys):
     assert main(["--steps", str(PRIOR_STEPS), "--cache-dir", str(cache), "--quiet"]) == 0
     assert "already cached and verified" in capsys.readouterr().out
-    assert build_command(PRIOR).startswith(f"python -m attacks.prior --source auxiliary --steps {PRIOR_STEPS}")
+    assert build_command(PRIOR).startswith(f"python -m fedsim.attacks.prior --source auxiliary --steps {PRIOR_STEPS}")
 
 
 def test_prior_training_is_deterministic_from_its_seed():

@@ -9,7 +9,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
-from attacks.base import Attack
+from fedsim.attacks.base import Attack
 from fedsim.hook import AUDIT_KEY, CuriousStrategy, MemoryRecorder, ThreatModel, audit_record, build_attacks
 from fedsim.models import build_model
 from fedsim.runtime import InlineGrid

@@ -12,10 +12,10 @@ import pytest
 import torch
 import yaml
 
-from attacks.base import ATTACKS, build_attack
-from attacks.inverting import (DLGConfig, IDLGConfig, InvertingConfig, LocalTraining, invert, looks_pruned,
+from fedsim.attacks.base import ATTACKS, build_attack
+from fedsim.attacks.inverting import (DLGConfig, IDLGConfig, InvertingConfig, LocalTraining, invert, looks_pruned,
                                pixel_box, unrolled_update)
-from attacks.matching import cosine_distance, model_gradients
+from fedsim.attacks.matching import cosine_distance, model_gradients
 from fedsim.errors import AttackNotApplicable
 from fedsim.models import build_model
 from fedsim.threat import Observation, TrainMeta

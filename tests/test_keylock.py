@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
-from defenses.keylock import KeyLock, KeyLockBlock, KeyLockDefense, is_private, keylock_mod, shared
+from fedsim.defenses.keylock import KeyLock, KeyLockBlock, KeyLockDefense, is_private, keylock_mod, shared
 from fedsim.client_app import client_plan
 from fedsim.models import build_model
 from fedsim.training import single_thread
@@ -160,7 +160,7 @@ def test_the_attacker_view_per_threat_option():
 
     defense = _defense(key_dim=32, attacker="known_key")
     client = _client_model(defense)
-    from defenses.keylock import grant_record, lock_outputs
+    from fedsim.defenses.keylock import grant_record, lock_outputs
 
     private = {k: v for k, v in client.state_dict().items() if is_private(k)}
     grant = dict(grant_record(lock_outputs(private, "relu")))
@@ -291,8 +291,8 @@ def test_with_running_statistics_spear_through_the_lock_is_exact_certified_only_
 
 def test_with_batch_statistics_spear_through_the_lock_gets_the_batch_only_up_to_mean_and_contrast():
     """Key-aware SPEAR: the next layer's features exactly, then the lock inverted with the key."""
-    from attacks.keylock_spear import KeyLockSpear, KeyLockSpearConfig
-    from defenses.keylock import grant_record, lock_outputs
+    from fedsim.attacks.keylock_spear import KeyLockSpear, KeyLockSpearConfig
+    from fedsim.defenses.keylock import grant_record, lock_outputs
     from fedsim.threat import Observation, TrainMeta
 
     defense = _defense(attacker="known_key")

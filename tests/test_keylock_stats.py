@@ -2,8 +2,8 @@
 
 import torch
 
-from attacks.keylock_stats import KeyLockStats, batch_statistic, locked_statistics, mean_input, restore_batch
-from defenses.keylock import KeyLockDefense, shared
+from fedsim.attacks.keylock_stats import KeyLockStats, batch_statistic, locked_statistics, mean_input, restore_batch
+from fedsim.defenses.keylock import KeyLockDefense, shared
 from fedsim.hook import named_state
 from fedsim.models import build_model
 from fedsim.threat import Observation, TrainMeta

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attacks.base import build_attack
-from attacks.labels import (LastLinear, find_last_linear, last_layer_gradient, llg_labels, recover_labels,
+from fedsim.attacks.base import build_attack
+from fedsim.attacks.labels import (LastLinear, find_last_linear, last_layer_gradient, llg_labels, recover_labels,
                             samples_in_update)
-from attacks.matching import model_gradients
+from fedsim.attacks.matching import model_gradients
 from fedsim.errors import AttackNotApplicable
 from fedsim.models import build_model
 from fedsim.threat import Observation, TrainMeta

@@ -94,7 +94,7 @@ def test_every_job_of_a_training_labs_sweep_is_a_valid_run(lab):
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
-    from experiments.sweeps import study_jobs
+    from fedsim.experiments.sweeps import study_jobs
     from fedsim.cli import CONF_DIR
     from fedsim.config import validate
 

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from defenses.base import DefenseContext, build_defense
-from defenses.noise import clip_update, gaussian_epsilon, l2_norm, local_epsilon
+from fedsim.defenses.base import DefenseContext, build_defense
+from fedsim.defenses.noise import clip_update, gaussian_epsilon, l2_norm, local_epsilon
 
 
 def _ctx(seed=0):

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from defenses.base import DefenseContext, build_defense
-from defenses.pruning import prune
+from fedsim.defenses.base import DefenseContext, build_defense
+from fedsim.defenses.pruning import prune
 
 
 def _update():

@@ -1,6 +1,6 @@
 """README.md's demo table is the program's output (`python3 dev.py readme` writes it; experiments/readme.py)."""
 
-from experiments.readme import README, demo_jobs, demo_settings, rows, table_in, with_table
+from fedsim.experiments.readme import README, demo_jobs, demo_settings, rows, table_in, with_table
 
 
 def test_the_readme_table_has_one_row_per_job_of_the_demos_grid_and_leads_with_identified():

@@ -6,7 +6,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from defenses.secagg import SecAggConfig, SecAggGrid, quantisation_bound, secagg_mod
+from fedsim.defenses.secagg import SecAggConfig, SecAggGrid, quantisation_bound, secagg_mod
 from fedsim.hook import AGGREGATE_CLIENT, CLIENT_KEY
 from fedsim.runtime import InlineGrid
 from tests.spies import SEEN
@@ -83,7 +83,7 @@ def test_a_client_that_fails_mid_round_is_left_out_and_the_others_are_still_summ
 
 
 def test_secagg_config_is_checked_at_the_door():
-    from defenses.base import build_defense
+    from fedsim.defenses.base import build_defense
     from fedsim.errors import ConfigError
 
     with pytest.raises(ConfigError, match="modulus_range"):

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from attacks.base import build_attack
-from attacks.spear import Spear, certify, first_linear_relu, prepare, reconstruct
-from defenses.noise import clip_update, gaussian_noise
+from fedsim.attacks.base import build_attack
+from fedsim.attacks.spear import Spear, certify, first_linear_relu, prepare, reconstruct
+from fedsim.defenses.noise import clip_update, gaussian_noise
 from fedsim.metrics import score
 from fedsim.data import load_dataset
 from fedsim.errors import AttackNotApplicable

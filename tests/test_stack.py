@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from defenses.base import DefenseContext, build_defense
-from defenses.noise import clip_update, l2_norm
-from defenses.pruning import prune
+from fedsim.defenses.base import DefenseContext, build_defense
+from fedsim.defenses.noise import clip_update, l2_norm
+from fedsim.defenses.pruning import prune
 from fedsim.errors import ConfigError
 
 

@@ -42,7 +42,7 @@ def jobs_parser():
 # --- the study sweeper -------------------------------------------------------------------------------------------
 
 def test_a_study_is_the_union_of_its_arms_each_a_grid():
-    from experiments.sweeps import study_jobs
+    from fedsim.experiments.sweeps import study_jobs
 
     arms = {"none": {"defense": "none"},
             "noise": {"defense": "noise", "defense.sigma": "0,0.1"},
@@ -54,7 +54,7 @@ def test_a_study_is_the_union_of_its_arms_each_a_grid():
 
 
 def test_a_command_line_key_replaces_it_only_in_the_arms_that_sweep_it():
-    from experiments.sweeps import study_jobs
+    from fedsim.experiments.sweeps import study_jobs
 
     arms = {"noise": {"defense": "noise", "defense.sigma": "0,0.1"}, "pruning": {"defense": "pruning",
                                                                                 "defense.keep": "0.5"},
@@ -67,7 +67,7 @@ def test_a_command_line_key_replaces_it_only_in_the_arms_that_sweep_it():
 
 
 def test_without_arms_the_study_sweeper_is_hydras_cartesian_product():
-    from experiments.sweeps import study_jobs
+    from fedsim.experiments.sweeps import study_jobs
 
     jobs = study_jobs({"a": "1,2"}, None, ["b=x,y"], jobs_parser())
     assert jobs == [["a=1", "b=x"], ["a=1", "b=y"], ["a=2", "b=x"], ["a=2", "b=y"]]
@@ -156,7 +156,7 @@ def test_every_job_of_every_preset_is_a_valid_config(preset):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from experiments.sweeps import study_jobs
+    from fedsim.experiments.sweeps import study_jobs
     from fedsim.cli import CONF_DIR, check_group_overrides, register_study_sweeper
     from fedsim.config import validate
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from attacks.base import build_attack
-from attacks.matching import model_gradients
+from fedsim.attacks.base import build_attack
+from fedsim.attacks.matching import model_gradients
 from fedsim.api import compose
 from fedsim.config import validate
 from fedsim.errors import ConfigError

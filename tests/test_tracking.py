@@ -47,7 +47,7 @@ def test_tensorboard_gets_accuracy_and_attack_success_per_round(tracked_run):
 
 def test_mlflow_gets_one_run_per_job_with_params_metrics_and_grids(tracked_run, tmp_path):
     import mlflow
-    from experiments.tracking import log_mlflow
+    from fedsim.experiments.tracking import log_mlflow
     from fedsim.report import read_job
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -63,11 +63,11 @@ exact batch of 12 natural-image crops).
 
 from __future__ import annotations
 
-from attacks.spear.attack import Spear, distinct_samples, first_linear_relu
-from attacks.spear.factorisation import (Consistency, Factorisation, Problem, SpearResult, estimate_rank, factorise,
+from fedsim.attacks.spear.attack import Spear, distinct_samples, first_linear_relu
+from fedsim.attacks.spear.factorisation import (Consistency, Factorisation, Problem, SpearResult, estimate_rank, factorise,
     prepare, zero_tolerance)
-from attacks.spear.selection import certify, sample_errors, select
-from attacks.spear.solve import reconstruct
+from fedsim.attacks.spear.selection import certify, sample_errors, select
+from fedsim.attacks.spear.solve import reconstruct
 
 __all__ = ["Consistency", "Factorisation", "Problem", "Spear", "SpearResult", "certify", "distinct_samples",
            "estimate_rank", "factorise", "first_linear_relu", "prepare", "reconstruct", "sample_errors", "select",

@@ -10,13 +10,13 @@ import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attacks.base import Attack, register_attack
+from fedsim.attacks.base import Attack, register_attack
 from fedsim.schema import knob
 from fedsim.errors import AttackNotApplicable
 from fedsim.threat import Observation, Reconstruction, TrainMeta
 
-from attacks.spear.factorisation import _CERT_SAFETY, _EXACT
-from attacks.spear.solve import reconstruct
+from fedsim.attacks.spear.factorisation import _CERT_SAFETY, _EXACT
+from fedsim.attacks.spear.solve import reconstruct
 
 
 # --- the attack -------------------------------------------------------------------------------------------------------

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from attacks.spear.factorisation import _F64, Problem, direction_noise, noisy_zero_mask, refine
-from attacks.spear.sampling import plane_runs
-from attacks.spear.selection import Candidates, independent_greedy
+from fedsim.attacks.spear.factorisation import _F64, Problem, direction_noise, noisy_zero_mask, refine
+from fedsim.attacks.spear.sampling import plane_runs
+from fedsim.attacks.spear.selection import Candidates, independent_greedy
 
 
 _CLUSTER_OVERLAP = 0.85  # zero sets sharing more than this of the smaller one: near-duplicate samples

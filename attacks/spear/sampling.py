@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from attacks.spear.factorisation import (_CONFIRM_ROWS, _F64, _MIN_PLANE_NORM, _SAME, _SCREEN_ELEMENTS, refine,
+from fedsim.attacks.spear.factorisation import (_CONFIRM_ROWS, _F64, _MIN_PLANE_NORM, _SAME, _SCREEN_ELEMENTS, refine,
     zero_mask)
-from attacks.spear.selection import Candidates
+from fedsim.attacks.spear.selection import Candidates
 
 
 # --- steps 2-3: sampling families of proposals and the sparsity filter -------------------------------------------------

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from attacks.spear.factorisation import _F64, _ZERO_SIGMAS, Consistency, Problem, noisy_zero_mask
+from fedsim.attacks.spear.factorisation import _F64, _ZERO_SIGMAS, Consistency, Problem, noisy_zero_mask
 
 
 _ALL_POSITIONS = 24   # up to this b, stage 2 tries every position (the sampling search's tuned behaviour)

@@ -11,11 +11,11 @@ from torch import Tensor
 
 from fedsim.training import single_thread
 
-from attacks.spear.dictionary import DictionarySearch
-from attacks.spear.factorisation import (_CERT_SAFETY, _DICTIONARY_AFTER, _DICTIONARY_FORCED_ROWS, _EXACT, _F32_FLOOR, _F64, _NOISE_FLOOR,
+from fedsim.attacks.spear.dictionary import DictionarySearch
+from fedsim.attacks.spear.factorisation import (_CERT_SAFETY, _DICTIONARY_AFTER, _DICTIONARY_FORCED_ROWS, _EXACT, _F32_FLOOR, _F64, _NOISE_FLOOR,
     _SAMPLING_MAX_B, _SAMPLING_MAX_TOL, Consistency, SpearResult, prepare)
-from attacks.spear.sampling import Search
-from attacks.spear.selection import (Candidates, Selection, _solve_inputs, best_effort, certify, sample_errors,
+from fedsim.attacks.spear.sampling import Search
+from fedsim.attacks.spear.selection import (Candidates, Selection, _solve_inputs, best_effort, certify, sample_errors,
     select)
 
 

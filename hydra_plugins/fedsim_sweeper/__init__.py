@@ -1,4 +1,4 @@
-"""Hydra sweeper for fedsim studies: Hydra's basic sweeper over a union of grids (`experiments.sweeps`).
+"""Hydra sweeper for fedsim studies: Hydra's basic sweeper over a union of grids (`fedsim.experiments.sweeps`).
 
 Selected with `hydra/sweeper: study` (conf/hydra/sweeper/study.yaml). It lives in `hydra_plugins` because Hydra
 instantiates sweepers only from that package; `fedsim.cli` registers it explicitly too, since editable installs
@@ -14,11 +14,11 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from experiments.sweeps import study_jobs
+from fedsim.experiments.sweeps import study_jobs
 
 
 class StudySweeper(BasicSweeper):
-    """Runs `params` x each arm of `arms` (see `experiments.sweeps.study_jobs`), in batches of `max_batch_size`."""
+    """Runs `params` x each arm of `arms` (see `fedsim.experiments.sweeps.study_jobs`), in batches of `max_batch_size`."""
 
     def __init__(self, max_batch_size: int | None = None, params: dict | None = None,
                  arms: dict | None = None) -> None:
