@@ -33,6 +33,7 @@ class Candidates:
     keep_dominated: int
     forced_rows: int = -1   # rows a proposal may force to zero beyond the intersection (-1: b - 1, see `prune`)
     version: int = 0
+    excluded: Tensor | None = None  # (c,) set aside for good (`exclude`): ranked with the dominated ones
 
     @classmethod
     def empty(cls, m: int, b: int, forced_rows: int = -1) -> "Candidates":
@@ -50,6 +51,8 @@ class Candidates:
         self.directions = torch.cat((self.directions, directions))
         self.counts = torch.cat((self.counts, counts))
         self.masks = torch.cat((self.masks, masks), dim=1)
+        fresh = torch.zeros(directions.shape[0], dtype=torch.bool)
+        self.excluded = fresh if self.excluded is None else torch.cat((self.excluded, fresh))
         self.prune()
         if self.directions.shape != before.shape or not torch.equal(self.directions, before):
             self.version += 1
@@ -69,7 +72,7 @@ class Candidates:
         # A mix of k columns is zero on their intersection plus the k-1 rows its proposal forced (at most b-1).
         slack = self._forced() + 0.01 * sizes
         dominated = ((sizes[:, None] - inside) <= slack[:, None]) & (sizes[None, :] > sizes[:, None])
-        self.dominated = dominated.any(dim=1)
+        self.dominated = dominated.any(dim=1) | self.excluded
         order = torch.argsort(self.counts, descending=True, stable=True)
         rank_in_dominated = torch.cumsum(self.dominated[order].long(), 0)
         keep = torch.ones(len(self), dtype=torch.bool)
@@ -77,6 +80,14 @@ class Candidates:
         if not bool(keep.all()):
             self.directions, self.counts = self.directions[keep], self.counts[keep]
             self.masks, self.dominated = self.masks[:, keep], self.dominated[keep]
+            self.excluded = self.excluded[keep]
+
+    def exclude(self, indices: list[int]) -> None:
+        """Set candidates aside for good (a zero pattern no single input explains, see `sign_violations`)."""
+        if indices:
+            self.excluded[indices] = True
+            self.dominated[indices] = True
+            self.version += 1
 
     def _forced(self) -> int:
         return self.directions.shape[1] - 1 if self.forced_rows < 0 else self.forced_rows

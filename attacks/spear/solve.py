@@ -13,7 +13,7 @@ from fedsim.training import single_thread
 
 from fedsim.attacks.spear.dictionary import DictionarySearch
 from fedsim.attacks.spear.factorisation import (_CERT_SAFETY, _DICTIONARY_AFTER, _DICTIONARY_FORCED_ROWS, _EXACT, _F32_FLOOR, _F64, _NOISE_FLOOR,
-    _SAMPLING_MAX_B, _SAMPLING_MAX_TOL, Consistency, SpearResult, prepare)
+    _SAMPLING_EXACT_MAX_B, _SAMPLING_MAX_B, _SAMPLING_MAX_TOL, Consistency, SpearResult, prepare)
 from fedsim.attacks.spear.sampling import Search
 from fedsim.attacks.spear.selection import (Candidates, Selection, _solve_inputs, best_effort, certify, sample_errors,
     select)
@@ -98,7 +98,10 @@ def _reconstruct(weight: Tensor, bias: Tensor | None, grad_weight: Tensor, grad_
     # Mild noise (a FedAvg delta's float32 cancellation, SecAgg+'s quantisation): the sampling search still finds
     # the columns at the tolerance it was tuned with (capped at 1e-3); heavier noise needs the dictionary solver.
     mild = noisy and problem.tol <= _SAMPLING_MAX_TOL
-    use_dictionary = solver == "dictionary" or (solver == "auto" and ((noisy and not mild) or b > _SAMPLING_MAX_B))
+    # auto: the cheaper search, measured (BENCHMARKS.md): sampling on small exact batches and on mildly noisy ones up
+    # to b = 24 (its tuned tolerance), the large-batch search otherwise.
+    limit = _SAMPLING_MAX_B if noisy else _SAMPLING_EXACT_MAX_B
+    use_dictionary = solver == "dictionary" or (solver == "auto" and ((noisy and not mild) or b > limit))
     if not (use_dictionary or lost):
         problem = replace(problem, tol=max(problem.sampling_tol, problem.tol) if mild else problem.sampling_tol)
     tol_zero = problem.tol
@@ -108,7 +111,8 @@ def _reconstruct(weight: Tensor, bias: Tensor | None, grad_weight: Tensor, grad_
     # zero only on their intersection), so it is not set aside as dominated.
     cands = Candidates.empty(m, b, forced_rows=_DICTIONARY_FORCED_ROWS if use_dictionary else -1)
     if use_dictionary or lost:
-        search = DictionarySearch.create(problem, pool, m, min_zeros, cands, noisy=noisy)
+        search = DictionarySearch.create(problem, pool, m, min_zeros, cands, noisy=noisy,
+                                         moved=weight_after is not None)
     else:
         search = Search(
             act_rows=problem.unit_rows[pool], pool=pool, m=m, min_zeros=min_zeros,
@@ -156,6 +160,16 @@ def _reconstruct(weight: Tensor, bias: Tensor | None, grad_weight: Tensor, grad_
                 if attempt(swaps=0):
                     stop_reason = "certified"
                     break
+                # Beyond _CHECK_PATTERNS_ABOVE samples: set aside chosen mixes that no single input explains, then
+                # choose again (a few linear programs instead of swaps over the whole pool).
+                while best is not None and search.screen(best.Q, certify(problem, best.Q[None], per_column=True)[0][0]):
+                    best = None
+                    tried = search.cands.version
+                    if attempt(swaps=0):
+                        break
+                if best is not None and best.consistency.mismatches == 0 and attempt(swaps=0):
+                    stop_reason = "certified"
+                    break
             if len(search.cands) >= b and search.cands.version != swapped:
                 swapped = search.cands.version   # swaps cost seconds at b = 64: once per change of the pool
                 if attempt(swaps=4):
@@ -172,7 +186,8 @@ def _reconstruct(weight: Tensor, bias: Tensor | None, grad_weight: Tensor, grad_
         size, tried, next_swaps, batches = 64, -1, 0, 0
         # A batch the sampling search has not solved by then gets IRLS rounds into the same candidate pool too
         # (a different route to the same columns), on a doubling schedule counted in samples.
-        helper = DictionarySearch.create(problem, pool, m, min_zeros, search.cands, noisy=noisy)
+        helper = DictionarySearch.create(problem, pool, m, min_zeros, search.cands, noisy=noisy,
+                                         moved=weight_after is not None)
         next_dictionary, helper_gen = _DICTIONARY_AFTER, torch.Generator().manual_seed(seed + 2)
         while search.samples < max_samples:
             if out_of_time():
