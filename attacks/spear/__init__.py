@@ -32,16 +32,18 @@ Full strength on what defenses and training do to an update (issue "SPEAR at ful
   L = dW V_b S_b^-1 the noise on <l_j, q> is noise_std ||S_b^-1 q|| on every row, which is what the zeros of the
   true columns measure (float32 rounding to DP noise of sigma 1e-4). Every tolerance derives from it, with no cap
   (`zero_tolerance`). On a noisy gradient no exact answer exists and SPEAR's sampling screen, which reads angles
-  off (b-2)-row solves, loses the columns; there the dictionary solver runs (`DictionarySearch`): the columns are
-  the sharp minima of ||L q||_1 on the sphere, reached by IRLS from random starts and refined as the weighted
-  least-squares kernels of their zero rows, so the answer averages the noise of hundreds of rows. Below the noise's
+  off (b-2)-row solves, loses the columns; there the large-batch solver runs (`DictionarySearch`): columns proposed
+  from the layer's hyperplane arrangement, refined as the least-squares kernels of their zero rows and polished by
+  IRLS (`sparse_directions`), so the answer averages the noise of hundreds of rows. Below the noise's
   own largest singular value the batch's weakest direction is gone (`stop_reason` "noise"): SPEAR says so in
   seconds instead of spending its budget.
 * FedAvg. -delta / lr over T local steps is sum_t G_t X_t^T: rank = distinct samples (`distinct_samples`), right
   factor = the inputs, dbias = the column sums; only the ReLU patterns move with W. The certificate judges a
   pre-activation only where its sign holds at both ends of the round with a margin as wide as the movement.
 * Aggregates: a secure aggregate of k clients is one batch of the summed size, attacked at the default budget.
-* Budgets are counted (samples or IRLS starts), so an answer does not depend on the machine; the wall-clock cap is
+* Large batches: the sampling search costs about 2^b proposals; `dictionary.py` proposes each column from the
+  points of the inputs' coefficient space instead (its docstring, and BENCHMARKS.md for b = 16 to 64).
+* Budgets are counted (sampled families or proposed points), so an answer does not depend on the machine; the wall-clock cap is
   a safety net that the result reports (`budget_exhausted`, `stop_reason`).
 
 The certificate (`certified=True` implies every returned sample is one of the batch's to relative error 1e-3):

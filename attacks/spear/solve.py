@@ -45,7 +45,7 @@ def reconstruct(
     weight: (m, n), bias: (m,), grad_weight: (m, n), grad_bias: (m,), any float dtype (float64 inside).
     batch_size: b (distinct samples in the update), or None to estimate it as the numerical rank of grad_weight.
     max_samples: the search budget, counted (deterministic): sampled (b-2)-row families for the sampling solver,
-    IRLS starts for the dictionary solver. max_seconds: a wall-clock safety net only (None: none); when it stops
+    proposed points for the dictionary solver. max_seconds: a wall-clock safety net only (None: none); when it stops
     the search the result says so (`stop_reason` "seconds", `budget_exhausted`), since then the answer depends on
     the machine's speed.
     tau: a direction is a candidate when L q is zero on at least tau x m' rows (m' = active rows).
@@ -53,9 +53,8 @@ def reconstruct(
     subset: rows on which each family's proposals are screened before a full count; chunk: families per batch.
     deflate: condition later families on directions already found (see `Search.sample`); False samples exactly
     as the paper does.
-    solver: "sampling" (SPEAR's search), "dictionary" (sparse directions by IRLS, `DictionarySearch`), or "auto":
-    sampling on exact gradients up to b = 24, dictionary when the gradient is noisy (noise above float32 rounding)
-    or the batch larger.
+    solver: "sampling" (SPEAR's search), "dictionary" (the large-batch search, `DictionarySearch`), or "auto": sampling
+    on exact gradients up to b = 12 and on mildly noisy ones up to b = 24, dictionary otherwise.
     weight_after, bias_after: the layer after the client's local training (FedAvg with several steps): the ReLU
     pattern of each sample was set somewhere between the two, so the certificate judges only the entries whose
     sign agrees at both ends.
@@ -162,12 +161,12 @@ def _reconstruct(weight: Tensor, bias: Tensor | None, grad_weight: Tensor, grad_
                     break
                 # Beyond _CHECK_PATTERNS_ABOVE samples: set aside chosen mixes that no single input explains, then
                 # choose again (a few linear programs instead of swaps over the whole pool).
-                while best is not None and search.screen(best.Q, certify(problem, best.Q[None], per_column=True)[0][0]):
-                    best = None
-                    tried = search.cands.version
-                    if attempt(swaps=0):
-                        break
-                if best is not None and best.consistency.mismatches == 0 and attempt(swaps=0):
+                certified = False
+                while not certified and best is not None and search.screen(
+                        best.Q, certify(problem, best.Q[None], per_column=True)[0][0]):
+                    best, tried = None, search.cands.version
+                    certified = attempt(swaps=0)
+                if certified:
                     stop_reason = "certified"
                     break
             if len(search.cands) >= b and search.cands.version != swapped:
@@ -184,7 +183,7 @@ def _reconstruct(weight: Tensor, bias: Tensor | None, grad_weight: Tensor, grad_
         stop_reason = "solved"
     elif pool.numel() - (b - 2) >= 2:
         size, tried, next_swaps, batches = 64, -1, 0, 0
-        # A batch the sampling search has not solved by then gets IRLS rounds into the same candidate pool too
+        # A batch the sampling search has not solved by then gets large-batch rounds into the same candidate pool too
         # (a different route to the same columns), on a doubling schedule counted in samples.
         helper = DictionarySearch.create(problem, pool, m, min_zeros, search.cands, noisy=noisy,
                                          moved=weight_after is not None)
