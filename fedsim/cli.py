@@ -41,6 +41,10 @@ from fedsim.paths import CONF_DIR  # noqa: E402
 from fedsim.protocol import OUTPUT_KEY, RUN_CONFIG_KEY  # noqa: E402
 from fedsim.results import ResultsWriter, clear_run_dir, lock_run_dir, read_status  # noqa: E402
 from fedsim.runtime import launch, quiet_flower  # noqa: E402
+# Hydra's plugin scan re-executes the modules it finds, its own BasicSweeper's among them: it must run before
+# StudySweeper subclasses BasicSweeper, or BasicSweeper's `super(BasicSweeper, self)` meets a class the scan has
+# replaced (`fedsim -m` failed so in an editable install, where the scan does not see hydra_plugins.fedsim_sweeper).
+Plugins.instance()
 from hydra_plugins.fedsim_sweeper import StudySweeper  # noqa: E402
 
 GROUPS = ("attack", "defense", "data", "model", "runtime", "partition", "experiment", "tracking")
