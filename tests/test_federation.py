@@ -100,6 +100,7 @@ def test_spear_takes_every_clients_batch_of_32_apart_exactly_in_the_federation(t
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)
 def test_spear_takes_every_clients_batch_of_64_apart_exactly_in_the_federation(tmp_path):
     """README's command: `fedsim attack=spear attack.solver=auto fl.batch_size=64 fl.rounds=1
     attack.max_seconds=null`: the default 4 clients attacked on the fresh model, the budget counted in samples
