@@ -105,7 +105,8 @@ def test_spear_takes_every_clients_batch_of_64_apart_exactly_in_the_federation(t
     """README's command: `fedsim attack=spear attack.solver=auto fl.batch_size=64 fl.rounds=1
     attack.max_seconds=null`: the default 4 clients attacked on the fresh model, the budget counted in samples
     rather than timed, so the answer is the same on any machine. Measured: 4 of 4 exact and certified, 16640 to
-    35328 proposed points each, 11-13 min in all on 2 cores at load 6-8. (Rounds 2 and 3 of the default 3-round run are harder: README says what they gave.)"""
+    35328 proposed points each, 11-13 min in all on 2 cores at load 6-8. (Rounds 2 and 3 of the default 3-round
+    run are harder: README says what they gave.)"""
     rows = spear_large_batch_rows(tmp_path, "fl.batch_size=64", "fl.rounds=1", "attack.max_seconds=null")
     assert [(r["round"], r["client"]) for r in rows] == [(1, c) for c in range(4)]
     for row in rows:
