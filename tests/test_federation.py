@@ -90,9 +90,10 @@ def spear_large_batch_rows(tmp_path, *overrides):
 
 def test_spear_takes_every_clients_batch_of_32_apart_exactly_in_the_federation(tmp_path):
     """Default data and model (32x32 crops, first layer 1000 wide), FedSGD, batches of 32 beyond the sampling
-    search's reach: auto takes the large-batch search, and every client's batch comes back exact and certified."""
-    rows = spear_large_batch_rows(tmp_path, "fl.batch_size=32", "fl.clients=2", "fl.rounds=1")
-    assert [(r["round"], r["client"]) for r in rows] == [(1, 0), (1, 1)]
+    search's reach: auto takes the large-batch search, and the client's batch comes back exact and certified
+    (one client keeps the default suite short; the slow test below runs the default 4 at b = 64)."""
+    rows = spear_large_batch_rows(tmp_path, "fl.batch_size=32", "fl.clients=1", "fl.rounds=1")
+    assert [(r["round"], r["client"]) for r in rows] == [(1, 0)]
     for row in rows:
         assert row["batch"] == 32 and row["returned"] == 32
         assert row["stats"]["solver"] == "dictionary" and row["stats"]["stop_reason"] == "certified"
