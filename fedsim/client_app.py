@@ -26,7 +26,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from fedsim.defenses.base import ClientMod, Defense, DefenseContext, build_defense
-from fedsim.arrays import to_state_dict
+from fedsim.arrays import to_record, to_state_dict
 from fedsim.config import FLConfig, RunConfig, validate
 from fedsim.data import load_dataset
 from fedsim.data.partition import partition
@@ -219,7 +219,7 @@ def defense_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
     # Post-processing (it leaves any privacy guarantee as it is): a variance the noise pushed below zero is no
     # variance; the model, and the average of the clients' models, would compute NaN with it.
     arrays = {k: v.clamp_min(0.0) if k in buffers and k.endswith("running_var") else v for k, v in arrays.items()}
-    out.content["arrays"] = ArrayRecord(arrays)
+    out.content["arrays"] = to_record(arrays)
     return out
 
 
@@ -234,7 +234,7 @@ def buffers_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
     info = out.content[CLIENT_KEY]
     buffers = set(info.get("buffers", []) or [])
     sent = to_state_dict(out.content["arrays"])
-    out.content["arrays"] = ArrayRecord({k: v for k, v in sent.items() if k not in buffers})
+    out.content["arrays"] = to_record({k: v for k, v in sent.items() if k not in buffers})
     out.content[CLIENT_KEY] = ConfigRecord({**dict(info), "buffers": []})
     return out
 
@@ -302,7 +302,7 @@ def train(msg: Message, context: Context) -> Message:
         result = local_update(model, x, y, mode=fl.mode, batch_size=fl.batch_size, local_steps=fl.local_steps,
                               lr=fl.lr, gen=gen)
     content = RecordDict({
-        "arrays": ArrayRecord(result.arrays),
+        "arrays": to_record(result.arrays),  # ArrayRecord(result.arrays), the same bytes at half the cost
         "metrics": MetricRecord({"num-examples": result.num_examples, "train_loss": result.loss}),
         CLIENT_KEY: ConfigRecord({"partition-id": pid, "buffers": result.buffers}),
     })
