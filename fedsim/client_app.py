@@ -2,9 +2,10 @@
 
 Everything a client needs arrives with the instruction: the global model and, in the train ConfigRecord, the run's
 configuration (`fedsim.config`, YAML). Defenses and fault injection are client mods built from that configuration
-at call time: the chain is, outermost first, the "protocol" mods the configured defenses declare
-(`Defense.client_mods`, e.g. SecAgg+), fault injection, the update transform, what is sent (buffers or not), the
-"model" mods the defenses declare (e.g. key-lock's private layers), then the train handler. The same app runs
+at call time (`client_mods`, the app's one Flower mod): the chain is, outermost first, the "protocol" mods the
+configured defenses declare (`Defense.client_mods`, e.g. SecAgg+), fault injection, the update transform, what is
+sent (buffers or not), the "model" mods the defenses declare (e.g. key-lock's private layers), then the train
+handler; a mod with nothing to do under the configuration is not in it (`ClientPlan.chain`). The same app runs
 in-process, on Ray's simulation engine and on real SuperNodes.
 
 Layer: the federation (with the server app, the hook, run validation and recording); imports the core, data,
