@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -15,8 +14,8 @@ from fedsim.attacks.spear.dictionary import DictionarySearch
 from fedsim.attacks.spear.factorisation import (_CERT_SAFETY, _DICTIONARY_AFTER, _DICTIONARY_FORCED_ROWS, _EXACT, _F32_FLOOR, _F64, _NOISE_FLOOR,
     _SAMPLING_EXACT_MAX_B, _SAMPLING_MAX_B, _SAMPLING_MAX_TOL, Consistency, SpearResult, prepare)
 from fedsim.attacks.spear.sampling import Search
-from fedsim.attacks.spear.selection import (Candidates, Selection, _solve_inputs, best_effort, certify, sample_errors,
-    select)
+from fedsim.attacks.spear.selection import (Candidates, Selection, _solve_inputs, best_effort, certify, polish,
+    sample_errors, select)
 
 
 # --- the algorithm ----------------------------------------------------------------------------------------------------
@@ -101,9 +100,12 @@ def _reconstruct(weight: Tensor, bias: Tensor | None, grad_weight: Tensor, grad_
     # to b = 24 (its tuned tolerance), the large-batch search otherwise.
     limit = _SAMPLING_MAX_B if noisy else _SAMPLING_EXACT_MAX_B
     use_dictionary = solver == "dictionary" or (solver == "auto" and ((noisy and not mild) or b > limit))
-    if not (use_dictionary or lost):
-        problem = replace(problem, tol=max(problem.sampling_tol, problem.tol) if mild else problem.sampling_tol)
+    # The sampling search screens its (b-2)-row proposals with the wider tolerance it was tuned with; the certificate
+    # keeps the noise model's own (problem.tol): judged in the wider band, an active unit whose gradient is merely
+    # small (a well-fitted sample on a trained model) reads as a zero where Z > 0, and an exact answer never certifies.
     tol_zero = problem.tol
+    if not (use_dictionary or lost):
+        tol_zero = max(problem.sampling_tol, problem.tol) if mild else problem.sampling_tol
     min_zeros = max(b - 1, math.ceil(tau * m_act))
     # The large-batch search's candidates are kernels of all their zero rows, with no forced row: a column whose
     # zero set lies within a few rows of another's is a near-duplicate sample, not a mix (a mix of two columns is
@@ -126,6 +128,8 @@ def _reconstruct(weight: Tensor, bias: Tensor | None, grad_weight: Tensor, grad_
     def attempt(swaps: int) -> bool:
         nonlocal best, improved_at, first_full
         found = select(problem, search.cands, b, swaps)
+        if found is not None and found.consistency.mismatches:
+            found = polish(problem, found, problem.tol)
         if found is not None and (best is None or found.consistency.mismatches < best.consistency.mismatches):
             best, improved_at = found, search.samples
             first_full = search.samples if first_full is None else first_full
