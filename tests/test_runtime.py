@@ -187,7 +187,9 @@ def test_inline_clients_share_one_thread_until_one_is_late():
     assert threads[0] == threads[1] == threads[2] != threads[3] == threads[4]
     assert threading.active_count() <= before + 2   # the late client's thread, and the one now waiting
     grid.close()
-    time.sleep(1.0)   # the late client finishes; both threads end
+    deadline = time.monotonic() + 10.0   # the late client finishes; then both threads end
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert threading.active_count() <= before
     assert len(grid.send_and_receive([Message(RecordDict(), dst_node_id=order[0], message_type=MessageType.QUERY)],
                                      timeout=5.0)) == 1   # after close, a new thread serves
