@@ -242,8 +242,8 @@ def buffers_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
 
 class FedsimClientApp(ClientApp):
     """Flower's ClientApp, pickled by reference (`fedsim.client_app.app`): Flower's Simulation Engine sends the
-    app with every message to a Ray actor, and pickled by value (its mods, handlers and closures) that cost
-    1.5 ms of the driver's CPU and 0.5 ms of the actor's per message."""
+    app with every message to a Ray actor, and pickled by value (its mods, handlers and closures: 4.7 kB) that
+    cost 1-1.5 ms of the driver's CPU and 0.25-0.5 ms of the actor's per message on a busy 2-core machine."""
 
     def __reduce__(self):
         return _fedsim_client_app, ()

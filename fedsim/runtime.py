@@ -108,7 +108,8 @@ class InlineGrid(Grid):
 
     Clients run one after another, on a worker thread: with a `timeout`, a client that has not replied within
     `timeout` seconds of its own start is left behind on that thread (its reply never arrives, as on a real
-    grid) and the next one starts on a new one. So a round with k late clients lasts its clients' training plus k x timeout.
+    grid) and the next one starts, on a new thread. So a round with k late clients lasts its clients' training
+    plus k x timeout.
     """
 
     def __init__(self, client_app: ClientApp, num_nodes: int, run_config: dict | None = None,
@@ -275,7 +276,8 @@ class RayConfig:
     log_level: str = knob("ERROR", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="Ray's own log level")
     pull_interval: float = knob(0.01, gt=0.0, help="seconds between the server's polls for replies (Flower: 0.1)")
     inline_mb: float = knob(4.0, ge=0.0, help="a message (or reply) up to this many MiB travels inside Ray's call "
-                                              "to the actor, not through its object store (Ray: 0.1)")
+                                              "to the actor, not through its object store (Ray's default: 0.1; sets "
+                                              "RAY_max_direct_call_object_size)")
     node_ip: str = knob(LOOPBACK, help="address Ray's processes (GCS, raylet, workers) listen on: 127.0.0.1 keeps "
                                        "them off the network; this machine's LAN address opens them to it")
 
@@ -300,8 +302,8 @@ def launch_ray(config: RayConfig, server_app: ServerApp, client_app: ClientApp, 
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     # Ray passes an actor call's arguments and result inline up to 100 KiB, larger ones through its shared-memory
     # object store: a 340 KB model each way then cost 13 ms a call instead of 4 ms (2 actors on a busy 2-core
-    # machine; 8.6 ms of the driver's CPU instead of 2.5 ms). Set before Ray starts; read once per process.
-    os.environ.setdefault(_RAY_INLINE_ENV, str(int(config.inline_mb * 2**20)))
+    # machine; 8.6 ms of the driver's CPU instead of 2.5 ms). Ray's processes read it when they start.
+    os.environ[_RAY_INLINE_ENV] = str(int(config.inline_mb * 2**20))
     cpus = config.cpus or os.cpu_count() or 1
     if config.client_cpus > cpus:
         raise ConfigError("runtime.client_cpus", config.client_cpus, f"at most runtime.cpus={cpus}")
