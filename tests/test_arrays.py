@@ -6,7 +6,7 @@ import torch
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from fedsim.arrays import to_numpy, to_state_dict
+from fedsim.arrays import to_array, to_numpy, to_record, to_state_dict
 from fedsim.strategy import weighted_mean
 
 
@@ -25,6 +25,37 @@ def test_arrays_read_to_numpys_values_and_are_writable(value):
     if ours.size:
         ours.flat[0] = 1 - ours.flat[0]      # writable, and a copy: the message's bytes are untouched
     assert np.array_equal(array.numpy(), value)
+
+
+@pytest.mark.parametrize("value", [
+    np.arange(12, dtype=np.float32).reshape(3, 4),
+    np.asfortranarray(np.random.default_rng(0).normal(size=(5, 3))),
+    np.arange(12, dtype=np.float32).reshape(3, 4)[:, ::2],     # neither C- nor Fortran-ordered
+    np.array(7, dtype=np.int64),
+    np.zeros((0, 4), dtype=np.float16),
+    np.array([True, False]),
+    np.arange(6, dtype=">i4").reshape(2, 3),
+    np.ones((1, 2, 3, 4), dtype=np.complex64),
+])
+def test_arrays_written_are_flowers_byte_for_byte(value):
+    ours, flowers = to_array(value), Array(value)
+    assert (ours.dtype, ours.shape, ours.stype, ours.data) == (flowers.dtype, flowers.shape, flowers.stype,
+                                                              flowers.data)
+    assert np.array_equal(ours.numpy(), value)
+
+
+def test_records_written_are_flowers_byte_for_byte():
+    gen = torch.Generator().manual_seed(0)
+    state = {"w": torch.randn(4, 3, generator=gen), "b": torch.randn(4, generator=gen), "n": torch.tensor(3),
+             "t": torch.randn(3, 5, generator=gen).t(), "e": torch.zeros(0, 2, dtype=torch.float16),
+             "g": torch.randn(2, 2, generator=gen, requires_grad=True)}
+    ours, flowers = to_record(state), ArrayRecord(state)
+    assert list(ours) == list(flowers)
+    for name in flowers:
+        assert (ours[name].dtype, ours[name].shape, ours[name].stype, ours[name].data) == (
+            flowers[name].dtype, flowers[name].shape, flowers[name].stype, flowers[name].data), name
+    state["w"].add_(1.0)   # the record holds its own bytes
+    assert torch.equal(to_state_dict(ours)["w"] + 1.0, state["w"])
 
 
 def test_state_dicts_match_flowers():

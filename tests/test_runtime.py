@@ -1,17 +1,26 @@
 """The same config and seed give the same client updates and metrics in-process and on Ray; the audit channel
-needs the node's consent as well as the server's request."""
+needs the node's consent as well as the server's request. What the runtimes' overhead rests on: a client runs only
+the mods its configuration calls for, the ClientApp travels to Ray's actors by reference, inline clients share one
+thread until one is late."""
 
 import logging
+import pickle
+import threading
+import time
 
 import pytest
 import torch
 import yaml
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.supercore.task_identity import TaskIdentity
 from omegaconf import OmegaConf
 
 from fedsim.client_app import AUDIT_FLAG, CONFIG_KEY
 from fedsim.protocol import SIMULATED_KEY
 from fedsim.client_app import app as client_app
+from fedsim.client_app import buffers_mod, client_plan, defense_mod, fault_mod
+from fedsim.runtime import InlineGrid
 from fedsim.hook import AUDIT_KEY
 from tests.conftest import fedsim_run
 
@@ -119,3 +128,69 @@ def test_a_node_holding_a_partition_of_another_split_is_refused():
     grid.contexts[nodes[0]].node_config["num-partitions"] = 4     # an operator's --node-config "... num-partitions=4"
     with pytest.raises(FedsimError, match="of 4, but the run splits the data into fl.clients=3"):
         discover_partitions(grid, nodes, 3, timeout=10)
+
+
+def _plan(*overrides, defense=None):
+    raw = _compose(*overrides)
+    if defense is not None:
+        raw["defense"] = defense
+    return client_plan(yaml.safe_dump(raw))
+
+
+def test_a_client_runs_only_the_mods_its_configuration_calls_for():
+    assert _plan().chain == ()                                   # a plain run: no mod between Flower and training
+    assert _plan("faults.nan=0.1").chain == (fault_mod,)
+    assert _plan("faults.dropout=0.1").chain == (fault_mod,)
+    assert _plan("defense=noise").chain == (defense_mod,)
+    assert _plan("defense=pruning").chain == (defense_mod,)
+    assert _plan("fl.send_buffers=false").chain == (buffers_mod,)
+    assert _plan("faults.crash=0.2", "defense=clip", "fl.send_buffers=false").chain == (fault_mod, defense_mod,
+                                                                                        buffers_mod)
+    # outermost first: the defenses' protocol mods (SecAgg+), faults, the transform, the buffers, their model mods
+    chain = _plan("faults.nan=0.1", "fl.send_buffers=false", defense={"name": "stack", "steps": [
+        {"name": "keylock"}, {"name": "noise"}, {"name": "secagg"}]}).chain
+    assert [getattr(m, "__name__", "") for m in chain] == ["<lambda>", "fault_mod", "defense_mod", "buffers_mod",
+                                                          "keylock_mod"]
+
+
+def test_the_client_app_travels_by_reference():
+    from ray import cloudpickle  # heavy: Ray
+
+    assert pickle.loads(pickle.dumps(client_app)) is client_app
+    assert cloudpickle.loads(cloudpickle.dumps(client_app)) is client_app
+    assert len(cloudpickle.dumps(client_app)) < 200   # by value (mods, handlers, closures): 4.7 kB
+
+
+def _recording_app(delays: dict[int, float], threads: list):
+    app = ClientApp()
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        threads.append(threading.get_ident())
+        time.sleep(delays.get(int(context.node_config["partition-id"]), 0.0))
+        return Message(RecordDict({"c": ConfigRecord({"pid": int(context.node_config["partition-id"])})}),
+                       reply_to=msg)
+
+    return app
+
+
+def test_inline_clients_share_one_thread_until_one_is_late():
+    threads: list[int] = []
+    grid = InlineGrid(_recording_app({2: 1.0}, threads), 5, node_seed=0)
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = grid.run_id, 1, 0
+    pid = {node: int(ctx.node_config["partition-id"]) for node, ctx in grid.contexts.items()}
+    order = sorted(grid.get_node_ids(), key=pid.get)
+    before = threading.active_count()
+    replies = grid.send_and_receive([Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY)
+                                     for n in order], timeout=0.5)
+    assert [r.content["c"]["pid"] for r in replies] == [0, 1, 3, 4]   # the late client's reply never arrives
+    assert threads[0] == threads[1] == threads[2] != threads[3] == threads[4]
+    assert threading.active_count() <= before + 2   # the late client's thread, and the one now waiting
+    grid.close()
+    deadline = time.monotonic() + 10.0   # the late client finishes; then both threads end
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert threading.active_count() <= before
+    assert len(grid.send_and_receive([Message(RecordDict(), dst_node_id=order[0], message_type=MessageType.QUERY)],
+                                     timeout=5.0)) == 1   # after close, a new thread serves
+    grid.close()
