@@ -100,7 +100,7 @@ class Spear(Attack):
         batch_size: str = knob("meta", choices=("meta", "estimate"),
                                help="b from the threat model (meta.batch_size; estimated when not granted) or always estimated")
         solver: str = knob("auto", choices=("auto", "sampling", "dictionary"),
-                           help="search: SPEAR's sampling, the large-batch dictionary search, or auto (the cheaper: dictionary for b > 12 and for heavy noise)")
+                           help="search: SPEAR's sampling, the large-batch dictionary search, or auto (the cheaper: dictionary for exact b > 12, noisy b > 24, heavy noise)")
         seed: int = knob(0, help="seed of the sketch and of the sampling")
 
     def check(self, model: nn.Module, meta: TrainMeta) -> None:

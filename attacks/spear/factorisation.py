@@ -20,8 +20,7 @@ _F32_FLOOR = 100 * torch.finfo(torch.float32).eps   # the exact regime's zero to
 _SAMPLING_MAX_TOL = 1e-3   # auto: the sampling search's tolerance cap; noisier updates go to the dictionary solver
 _DICTIONARY_AFTER = 100_000  # sampled families after which the sampling search also runs large-batch rounds
 _DICTIONARY_FORCED_ROWS = 3  # large-batch candidates: zero rows outside a containing set that still mark a mix
-_SAMPLING_MAX_B = 12       # auto, mildly noisy updates: the sampling search up to this b (the demo's SecAgg+ aggregate
-                           # of 16: 177 s sampling, 5.5 s large-batch, the same answer; BENCHMARKS.md)
+_SAMPLING_MAX_B = 24       # auto, mildly noisy updates: the sampling search up to this b (its tuned tolerance)
 _SAMPLING_EXACT_MAX_B = 12  # auto, exact gradients: above this b the large-batch search is cheaper (BENCHMARKS.md)
 _CERT_SAFETY = 10.0        # a certified sample's estimated error bound times this must stay within _EXACT
 _OVERSAMPLE = 10           # extra columns of the randomised range finder
@@ -92,8 +91,6 @@ class Factorisation:
     noise_std: estimated standard deviation of the entries of dW outside its rank-b part,
     ||dW - L R||_F / sqrt((m - b)(n - b)) (the residual of a rank-b fit to signal plus i.i.d. noise has that many
     degrees of freedom): DP noise, quantisation, float32 rounding of a FedAvg delta, all seen the same way.
-    row_noise: (m,) the same estimate row by row, ||(dW - L R)_j|| / sqrt(n - b): rounding is relative to each
-    entry, so a row of large gradients carries more of it than the average (measured: up to 5x on a trained model).
     """
 
     L: Tensor
@@ -101,7 +98,6 @@ class Factorisation:
     singular_values: Tensor
     noise: float
     noise_std: float = 0.0
-    row_noise: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -165,10 +161,8 @@ def factorise(grad_weight: Tensor, batch_size: int | None, gen: torch.Generator)
     L = U[:, :b].contiguous()
     R = (S[:b, None] * Vh[:b]).contiguous()
     dof = (m - b) * (n - b)
-    residual = (grad_weight - L @ R).norm(dim=1)
-    noise_std = float(residual.norm() / math.sqrt(dof)) if dof > 0 else 0.0
-    row_noise = residual / math.sqrt(n - b) if n > b else torch.zeros_like(residual)
-    return Factorisation(L, R, S, tail, noise_std, row_noise), rank
+    noise_std = float(torch.linalg.matrix_norm(grad_weight - L @ R) / math.sqrt(dof)) if dof > 0 else 0.0
+    return Factorisation(L, R, S, tail, noise_std), rank
 
 
 def zero_tolerance(noise_std: float, weakest: float, row_rms: float, dtype: torch.dtype) -> float:
@@ -235,7 +229,6 @@ class Problem:
     row_rms: float = 1.0
     move_norm: Tensor | None = None
     move_bias: Tensor | None = None
-    row_noise: Tensor | None = None
 
 
 def prepare(weight: Tensor, bias: Tensor | None, grad_weight: Tensor, grad_bias: Tensor | None,
@@ -264,7 +257,7 @@ def prepare(weight: Tensor, bias: Tensor | None, grad_weight: Tensor, grad_bias:
     if b >= min(m, n):  # an estimated rank this large is noise, not a batch: keep the largest admissible b
         b = min(m, n) - 1
         fact = Factorisation(fact.L[:, :b].contiguous(), fact.R[:b].contiguous(), fact.singular_values, 1.0,
-                             fact.noise_std, fact.row_noise)
+                             fact.noise_std)
     L = fact.L
     row_norm = L.norm(dim=1)
     active = row_norm > row_norm.max().clamp_min(1e-300) * 1e-6  # rows of dead ReLUs are zero up to rounding
@@ -285,7 +278,7 @@ def prepare(weight: Tensor, bias: Tensor | None, grad_weight: Tensor, grad_bias:
         L=L, unit_rows=unit_rows, R=fact.R, WR=W @ fact.R.T, bias=bias64, grad_bias=db, Lt_bias=L.T @ db,
         W_norm=W.norm(dim=1), tol=tol if tol is not None else noise_tol, fit_residual=fit_res,
         sampling_tol=tol if tol is not None else sampling_tol, row_rms=row_rms,
-        noise_std=fact.noise_std, singular_values=S_b, row_norm=row_norm, W=W, row_noise=fact.row_noise,
+        noise_std=fact.noise_std, singular_values=S_b, row_norm=row_norm, W=W,
         floor=floor,
         WR_after=None if weight_after is None else weight_after.detach().to(_F64) @ fact.R.T,
         bias_after=None if weight_after is None else (bias64 if bias_after is None else bias_after.detach().to(_F64)),

@@ -173,7 +173,7 @@ class Search:
             return
         # Least squares on the rows found zero, under a narrowing tolerance: a non-zero row that slipped under the
         # loose one biases the first fit and is then left out (the certificate wants zeros at tol / 30).
-        for tol in (self.count_tol, self.tol, self.tol / 10, self.tol / 100):
+        for tol in (self.count_tol, self.tol, self.tol / 10):
             q = refine(self.act_rows, q, zero_mask(self.act_rows, q, tol))
         tight = zero_mask(self.act_rows, q, self.tol)
         counts = tight.sum(0)

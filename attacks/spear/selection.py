@@ -9,8 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fedsim.attacks.spear.factorisation import (_F64, _ZERO_SIGMAS, Consistency, Problem, noisy_zero_mask, refine,
-    zero_mask)
+from fedsim.attacks.spear.factorisation import _F64, _ZERO_SIGMAS, Consistency, Problem, noisy_zero_mask
 
 
 _ALL_POSITIONS = 24   # up to this b, stage 2 tries every position (the sampling search's tuned behaviour)
@@ -149,14 +148,9 @@ def certify(problem: Problem, Q: Tensor, per_column: bool = False) -> tuple[Tens
     if problem.noise_std > 0 and problem.singular_values is not None:
         # A row of small norm carries the same absolute noise as any other (see `zero_tolerance`): its relative
         # value can exceed tol on a true zero. An entry within the noise is left undecided (in neither band).
-        # Each row's own noise level (`Factorisation.row_noise`), never below the average: float32 rounding is
-        # relative to each entry, and a row of large gradients carries several times the average.
-        sigma = (qbar / problem.singular_values[None, :, None]).norm(dim=1)                            # (P, b)
-        rows = (problem.noise_std if problem.row_noise is None
-                else problem.row_noise.clamp_min(problem.noise_std))
-        rows = torch.as_tensor(rows, dtype=_F64).expand(problem.L.shape[0])                              # (m,)
+        sigma = problem.noise_std * (qbar / problem.singular_values[None, :, None]).norm(dim=1)        # (P, b)
         raw = dots * problem.row_norm[None, :, None]
-        undecided = (raw <= _ZERO_SIGMAS * sigma[:, None, :] * rows[None, :, None]) & (dots > problem.tol / 30)
+        undecided = (raw <= _ZERO_SIGMAS * sigma[:, None, :]) & (dots > problem.tol / 30)
         dots = torch.where(undecided, torch.full_like(dots, problem.tol / 2), dots)
     positive, negative = Z > band, Z < -band
     if problem.WR_after is not None:
@@ -250,28 +244,6 @@ def select(problem: Problem, cands: Candidates, b: int, swaps: int = 4, batch: i
         best = Selection(trials[k].tolist(), Consistency(int(mism[k]), float(results[part][1][off])),
                          results[part][2][off], 2)
     return best
-
-
-def polish(problem: Problem, best: Selection, tol: float) -> Selection:
-    """A chosen selection with sign violations, each column refitted as the least-squares kernel of its own zero rows
-    (relative tolerance `tol`); kept only when the certificate improves.
-
-    A candidate enters the pool once, as first found; a later, more precise copy of the same direction is dropped as
-    parallel to it. On a trained model a well-fitted sample's column is small, and an angle of 1e-4 rad in its
-    direction leaks the other columns into its zeros: the answer is exact to 1e-6 but shows dozens of violations and
-    never certifies (measured on the demo's clipped round-50 update). One refit on the rows it is zero on removes them.
-    For exact gradients only: on a noisy update fewer violations need not mean a better answer (the demo's sigma 1e-6
-    round-50 update: 4 of 8 samples exact after the refit, 5 without), and `reconstruct` does not call it there.
-    """
-    qbar = (best.Q / best.Q.norm(dim=0).clamp_min(1e-300)).T
-    q = refine(problem.unit_rows, qbar, zero_mask(problem.unit_rows, qbar, tol))
-    Q, ok = disaggregate(problem, q.T[None])
-    if not bool(ok[0]):
-        return best
-    mism, bias_res = certify(problem, Q)
-    if int(mism[0]) >= best.consistency.mismatches:
-        return best
-    return Selection(best.indices, Consistency(int(mism[0]), float(bias_res[0])), Q[0], best.stage)
 
 
 def best_effort(problem: Problem, cands: Candidates, b: int, gen: torch.Generator) -> Tensor:

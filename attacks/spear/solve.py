@@ -15,8 +15,8 @@ from fedsim.attacks.spear.dictionary import DictionarySearch
 from fedsim.attacks.spear.factorisation import (_CERT_SAFETY, _DICTIONARY_AFTER, _DICTIONARY_FORCED_ROWS, _EXACT, _F32_FLOOR, _F64, _NOISE_FLOOR,
     _SAMPLING_EXACT_MAX_B, _SAMPLING_MAX_B, _SAMPLING_MAX_TOL, Consistency, SpearResult, prepare)
 from fedsim.attacks.spear.sampling import Search
-from fedsim.attacks.spear.selection import (Candidates, Selection, _solve_inputs, best_effort, certify, polish,
-    sample_errors, select)
+from fedsim.attacks.spear.selection import (Candidates, Selection, _solve_inputs, best_effort, certify, sample_errors,
+    select)
 
 
 # --- the algorithm ----------------------------------------------------------------------------------------------------
@@ -54,7 +54,7 @@ def reconstruct(
     deflate: condition later families on directions already found (see `Search.sample`); False samples exactly
     as the paper does.
     solver: "sampling" (SPEAR's search), "dictionary" (the large-batch search, `DictionarySearch`), or "auto": sampling
-    on exact and on mildly noisy gradients up to b = 12, dictionary otherwise.
+    on exact gradients up to b = 12 and on mildly noisy ones up to b = 24, dictionary otherwise.
     weight_after, bias_after: the layer after the client's local training (FedAvg with several steps): the ReLU
     pattern of each sample was set somewhere between the two, so the certificate judges only the entries whose
     sign agrees at both ends.
@@ -97,20 +97,13 @@ def _reconstruct(weight: Tensor, bias: Tensor | None, grad_weight: Tensor, grad_
     # Mild noise (a FedAvg delta's float32 cancellation, SecAgg+'s quantisation): the sampling search still finds
     # the columns at the tolerance it was tuned with (capped at 1e-3); heavier noise needs the dictionary solver.
     mild = noisy and problem.tol <= _SAMPLING_MAX_TOL
-    # auto: the cheaper search, measured (BENCHMARKS.md): sampling on small batches (b <= 12), exact or mildly noisy,
-    # the large-batch search otherwise.
+    # auto: the cheaper search, measured (BENCHMARKS.md): sampling on small exact batches and on mildly noisy ones up
+    # to b = 24 (its tuned tolerance), the large-batch search otherwise.
     limit = _SAMPLING_MAX_B if noisy else _SAMPLING_EXACT_MAX_B
     use_dictionary = solver == "dictionary" or (solver == "auto" and ((noisy and not mild) or b > limit))
-    # The sampling search screens its (b-2)-row proposals with the wider tolerance it was tuned with; the certificate
-    # keeps the noise model's own (problem.tol): judged in the wider band, an active unit whose gradient is merely
-    # small (a well-fitted sample on a trained model) reads as a zero where Z > 0, and an exact answer never certifies.
-    # On a mildly noisy update the certificate keeps the search's band (the choice among uncertified answers is by
-    # fewest violations in it, the behaviour the noisy benchmarks were measured with).
-    tol_zero = problem.tol
     if not (use_dictionary or lost):
-        tol_zero = max(problem.sampling_tol, problem.tol) if mild else problem.sampling_tol
-        if noisy:
-            problem = replace(problem, tol=tol_zero)
+        problem = replace(problem, tol=max(problem.sampling_tol, problem.tol) if mild else problem.sampling_tol)
+    tol_zero = problem.tol
     min_zeros = max(b - 1, math.ceil(tau * m_act))
     # The large-batch search's candidates are kernels of all their zero rows, with no forced row: a column whose
     # zero set lies within a few rows of another's is a near-duplicate sample, not a mix (a mix of two columns is
@@ -133,8 +126,6 @@ def _reconstruct(weight: Tensor, bias: Tensor | None, grad_weight: Tensor, grad_
     def attempt(swaps: int) -> bool:
         nonlocal best, improved_at, first_full
         found = select(problem, search.cands, b, swaps)
-        if found is not None and found.consistency.mismatches and not noisy:   # exact gradients only (see polish)
-            found = polish(problem, found, problem.tol)
         if found is not None and (best is None or found.consistency.mismatches < best.consistency.mismatches):
             best, improved_at = found, search.samples
             first_full = search.samples if first_full is None else first_full
