@@ -229,6 +229,8 @@ class Problem:
     row_rms: float = 1.0
     move_norm: Tensor | None = None
     move_bias: Tensor | None = None
+    row_noise: Tensor | None = None
+    bias_noise: float = 0.0
 
 
 def prepare(weight: Tensor, bias: Tensor | None, grad_weight: Tensor, grad_bias: Tensor | None,
@@ -263,7 +265,14 @@ def prepare(weight: Tensor, bias: Tensor | None, grad_weight: Tensor, grad_bias:
     active = row_norm > row_norm.max().clamp_min(1e-300) * 1e-6  # rows of dead ReLUs are zero up to rounding
     unit_rows = torch.zeros_like(L)
     unit_rows[active] = L[active] / row_norm[active, None]
-    fit_res = float((dW - L @ fact.R).norm() / dW.norm().clamp_min(1e-300))
+    residual = dW - L @ fact.R
+    fit_res = float(residual.norm() / dW.norm().clamp_min(1e-300))
+    # Each row's own noise level: float32 rounding scales with the row's magnitude, so rows where large samples are
+    # active carry more of it than the average `noise_std` says (used by `sample_errors`).
+    row_noise = residual.norm(dim=1) / math.sqrt(max(n - b, 1))
+    # The bias gradient's noise per entry, from its part outside the span of L (dbias = G 1 lies within it): it
+    # sets the samples' scales, and a sample with a small gradient column takes its scale from a small component.
+    bias_noise = float((db - L @ (L.T @ db)).norm() / math.sqrt(max(m - b, 1)))
     S_b = fact.singular_values[:b].clamp_min(1e-300)
     row_rms = float(row_norm[active].pow(2).mean().sqrt()) if bool(active.any()) else 1.0
     noise_tol = zero_tolerance(fact.noise_std, float(S_b[-1]), row_rms, grad_weight.dtype)
@@ -279,7 +288,7 @@ def prepare(weight: Tensor, bias: Tensor | None, grad_weight: Tensor, grad_bias:
         W_norm=W.norm(dim=1), tol=tol if tol is not None else noise_tol, fit_residual=fit_res,
         sampling_tol=tol if tol is not None else sampling_tol, row_rms=row_rms,
         noise_std=fact.noise_std, singular_values=S_b, row_norm=row_norm, W=W,
-        floor=floor,
+        floor=floor, row_noise=row_noise, bias_noise=bias_noise,
         WR_after=None if weight_after is None else weight_after.detach().to(_F64) @ fact.R.T,
         bias_after=None if weight_after is None else (bias64 if bias_after is None else bias_after.detach().to(_F64)),
         move_norm=None if weight_after is None else (weight_after.detach().to(_F64) - W).norm(dim=1),

@@ -275,24 +275,43 @@ def _solve_inputs(Q: Tensor, R: Tensor) -> Tensor:
 def sample_errors(problem: Problem, Q: Tensor, inputs: Tensor) -> Tensor:
     """First-order estimate of each returned sample's relative error ||x_hat_i - x_i|| / ||x_i||. Returns (b,).
 
-    Each column q_i is the least-squares kernel of its zero rows Z_i; noise of standard deviation s_i on those rows
-    (`direction_noise`) tilts it by about s_i sqrt(sum_{k>=2} 1/lambda_k(L_Z^T L_Z)). The smallest of those
-    eigenvalues is what pins q_i down: when two samples are near-duplicates, the rows that tell their columns apart
-    are few, lambda_2 is small and the estimate grows (a direction between the two is then as consistent as either).
-    A zero set with a second null direction (lambda_2 ~ 0) gives an infinite estimate. The tilts reach x_i through
-    X^T = Q^-1 R (dX^T = -Q^-1 dQ X^T); the noise of R itself (noise_std per entry) through the row of Q^-1.
+    Each column q_i is the least-squares kernel of its zero rows Z_i; noise on those rows (`direction_noise`) tilts
+    it within the complement of q_i, through the pseudo-inverse of L_Z^T L_Z there. The smallest of its eigenvalues
+    is what pins q_i down: when two samples are near-duplicates, the rows that tell their columns apart are few,
+    lambda_2 is small and the estimate grows (a direction between the two is then as consistent as either). A zero
+    set with a second null direction (lambda_2 ~ 0) gives an infinite estimate. The tilts reach x_i through
+    X^T = Q^-1 R (dX^T = -Q^-1 dQ X^T); the noise of R itself through the row of Q^-1 L^T.
+    Noise is taken row by row (`Problem.row_noise`, the rank-b residual of each row): float32 rounding is larger on
+    the rows where large samples are active, and a sample with a small gradient column (one the model already fits)
+    is read through exactly those rows; with one average level its error was estimated 170x too small (a 1.2% error
+    certified, `tests/test_spear.py::test_a_well_fitted_sample_is_recovered_and_certified`).
     """
     b = Q.shape[1]
     norms = Q.norm(dim=0).clamp_min(1e-300)
     qbar = (Q / norms).T                                                           # (b, b) unit columns as rows
     active = problem.row_norm > 0
     L = problem.L[active]
+    if problem.row_noise is not None:
+        row_var = problem.row_noise.pow(2)
+    else:
+        row_var = torch.full((problem.L.shape[0],), problem.noise_std ** 2, dtype=_F64)
     zeros = noisy_zero_mask(problem, L, qbar)   # the noise's own threshold: a wide search tolerance would add rows
-    sigma = problem.noise_std * (qbar / problem.singular_values[None, :]).norm(dim=1)
-    gram = torch.einsum("jc,ja,jd->cad", zeros.to(_F64), L, L)
-    lam = torch.linalg.eigvalsh(gram)                                              # (b, b) ascending
+    scale = (qbar / problem.singular_values[None, :]).norm(dim=1)                  # (b,) per unit of row noise
     if b > 1:
-        tilt = sigma * (1.0 / lam[:, 1:].clamp_min(1e-300)).sum(1).sqrt()
+        gram = torch.einsum("jc,ja,jd->cad", zeros.to(_F64), L, L)
+        lam, vecs = torch.linalg.eigh(gram)                                        # ascending; vecs (b, b, b)
+        inv = 1.0 / lam[:, 1:].clamp_min(1e-300)                                   # (b, b-1)
+        # E||dq_c||^2 = scale_c^2 sum_{j in Z_c} var_j sum_{k>=2} (v_ck . l_j)^2 / lambda_ck^2
+        proj = torch.einsum("ja,cak->cjk", L, vecs[:, :, 1:])                      # (b, m', b-1)
+        reach = (proj.pow(2) * inv[:, None, :].pow(2)).sum(2)                      # (b, m')
+        tilt = scale * (reach * zeros.T.to(_F64) * row_var[active][None, :]).sum(1).sqrt()
+        # A column that is not the least-squares kernel of its zero rows under this noise (a search's proposal
+        # refined in a wider band) fits those rows worse than the noise model says: its tilt is as much larger.
+        z = zeros.to(_F64)
+        count = z.sum(0).clamp_min(1.0)
+        fitted = ((L @ qbar.T).pow(2) * z).sum(0).div(count).sqrt()                # (b,) rms of <l_j, q> on Z_c
+        expected = scale * ((z * row_var[active][:, None]).sum(0) / count).sqrt()
+        tilt = tilt * torch.maximum(fitted / expected.clamp_min(1e-300), torch.ones_like(tilt))
     else:
         tilt = torch.zeros(1, dtype=_F64)
     Qinv = torch.linalg.pinv(Q)
@@ -301,8 +320,11 @@ def sample_errors(problem: Problem, Q: Tensor, inputs: Tensor) -> Tensor:
     spread = (Qinv.abs() * (tilt * norms)[None, :]) * x_norm[None, :]                 # (b, b)
     from_dirs = spread.pow(2).sum(1).sqrt()
     n = problem.R.shape[1]
-    from_R = Qinv.norm(dim=1) * problem.noise_std * math.sqrt(n)
-    err = (from_dirs + from_R) / x_norm
+    from_R = ((Qinv @ problem.L.T).pow(2) @ row_var).sqrt() * math.sqrt(n)
+    # The scales s = Q-bar^-1 L^T dbias (`disaggregate`): noise on L^T dbias moves s_i by bias_noise ||(Q-bar^-1)_i||,
+    # and x_i by the same fraction; (Q-bar^-1)_i = |s_i| (Q^-1)_i, so the relative error is bias_noise ||(Q^-1)_i||.
+    from_scale = problem.bias_noise * Qinv.norm(dim=1)
+    err = (from_dirs + from_R) / x_norm + from_scale
     return torch.where(torch.isfinite(err), err, torch.full_like(err, math.inf))
 
 
