@@ -100,6 +100,20 @@ def test_spear_takes_every_clients_batch_of_32_apart_exactly_in_the_federation(t
         assert row["exact"] == 1.0 and row["certified"] and row["psnr"] >= 99
 
 
+def test_a_fedavg_update_holding_a_near_duplicate_is_not_certified_wrong(tmp_path):
+    """FedAvg, two local steps on batches of 16 (32 distinct samples; two of them at cosine 0.97): the large-batch
+    search gets 31 of 32 exact, and the 32nd comes back 6.9% off. It used to be certified with an estimated error of
+    6.7e-6; the estimate now counts only zero rows that the recovered sample confirms, finds that sample unpinned
+    (about 6%) and does not certify (`stop_reason: unpinned`)."""
+    rows = spear_large_batch_rows(tmp_path, "fl.mode=fedavg", "fl.local_steps=2", "fl.batch_size=16", "fl.clients=1",
+                                  "fl.rounds=1", "attack.max_seconds=600")
+    [row] = rows
+    assert row["returned"] == 32 and row["exact"] >= 31 / 32
+    assert row["certified"] == (row["exact"] == 1.0)
+    if row["exact"] < 1.0:
+        assert row["stats"]["sample_error_max"] > 1e-4 and row["stats"]["stop_reason"] == "unpinned"
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
 def test_spear_takes_every_clients_batch_of_64_apart_exactly_in_the_federation(tmp_path):

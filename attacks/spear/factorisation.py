@@ -54,8 +54,9 @@ class SpearResult:
     confidence; a certified answer has every one at most 1e-3 / 10.
     budget_exhausted: the search stopped at its sample budget or its wall-clock cap without a certified answer
     (the answer might have improved with more budget; a report must not read it as the defense holding).
-    stop_reason: certified, converged (noisy gradient, further search changed nothing), noise (the batch's
-    weakest direction is below the noise's singular values), solved (b <= 2), samples or seconds (budgets).
+    stop_reason: certified, converged (noisy gradient, further search changed nothing), unpinned (a consistent
+    answer, some sample not pinned down by its zero rows: its error estimate is too large to certify), noise (the
+    batch's weakest direction is below the noise's singular values), solved (b <= 2), samples or seconds (budgets).
     solver: the search that ran (sampling or dictionary); noise_limited: the noise-floor case of stop_reason.
     """
 

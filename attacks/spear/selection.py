@@ -296,6 +296,18 @@ def sample_errors(problem: Problem, Q: Tensor, inputs: Tensor) -> Tensor:
     else:
         row_var = torch.full((problem.L.shape[0],), problem.noise_std ** 2, dtype=_F64)
     zeros = noisy_zero_mask(problem, L, qbar)   # the noise's own threshold: a wide search tolerance would add rows
+    # A zero row pins a column only where the recovered sample confirms it: its pre-activation clearly negative
+    # (outside the certificate's band). Two near-duplicate samples whose ReLU patterns differ on one row are told
+    # apart by that row alone, and their midpoint sits on it (Z ~ 0): without it the column is not pinned
+    # (lambda_2 ~ 0, an infinite estimate) instead of certified half-way between them.
+    Qinv_all = torch.linalg.pinv(Q)
+    x_norm_all = (Qinv_all @ problem.R).norm(dim=1)
+    pre = problem.WR[active] @ Qinv_all.T + problem.bias[active, None]              # (m', b)
+    band = problem.tol * (problem.W_norm[active, None] * x_norm_all[None, :] + problem.bias[active].abs()[:, None])
+    confirmed = pre < -band
+    if problem.WR_after is not None:
+        confirmed &= problem.WR_after[active] @ Qinv_all.T + problem.bias_after[active, None] < -band
+    zeros = zeros & confirmed
     scale = (qbar / problem.singular_values[None, :]).norm(dim=1)                  # (b,) per unit of row noise
     if b > 1:
         gram = torch.einsum("jc,ja,jd->cad", zeros.to(_F64), L, L)

@@ -245,6 +245,10 @@ def _reconstruct(weight: Tensor, bias: Tensor | None, grad_weight: Tensor, grad_
                  and bool((_CERT_SAFETY * errors <= _EXACT).all()))
     if certified:
         stop_reason = "certified"
+    elif stop_reason == "certified":
+        # The ReLU pattern and the bias relation hold, but a sample is not pinned by its zero rows (near-duplicates
+        # told apart by a row or two): a longer search would find the same answer, so none is run.
+        stop_reason = "unpinned"
     exhausted = not certified and stop_reason in ("samples", "seconds")
     return SpearResult(
         inputs=inputs, grad_out=problem.L @ Q, certified=bool(certified), samples=search.samples,
