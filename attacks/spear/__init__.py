@@ -51,14 +51,18 @@ The certificate (`certified=True` implies every returned sample is one of the ba
 (2) the bias relation holds; (3) each sample is pinned: its column is the least-squares kernel of its zero rows
 Z_i, and noise of the measured level on those rows moves it by about s_i sqrt(sum_k>=2 1/lambda_k(L_Z^T L_Z)),
 carried to x_i through Q^-1 (`sample_errors`); all estimates times 10 must stay within 1e-3. The zero set for (3)
-uses the noise's own threshold, never the search's looser tolerance, so it does not grow with ill-conditioning.
-Why (3): near-duplicate samples have zero sets that differ on a few rows; a direction between their columns is
-zero on the intersection and passes (1) and (2), since the pre-activations that tell them apart are near zero.
-Its zero set then has a second, almost-null direction (lambda_2 ~ 0): the estimate is large and the sample is not
-certified. tests/test_spear.py checks near-duplicates at several distances and seeds, noisy, multi-step and
-aggregated updates, and a fuzz over random batches: no certified answer is wrong. The per-sample estimates are
-returned (`sample_errors`) as a confidence; they track the real errors (3e-8 estimated vs 2.6e-8 measured on an
-exact batch of 12 natural-image crops).
+uses the noise's own threshold, never the search's looser tolerance, so it does not grow with ill-conditioning,
+and holds only rows where the recovered pre-activation is clearly negative. The noise is taken row by row, a
+column that fits its zero rows worse than the noise says is tilted as much more, and the bias gradient's noise
+moves each scale. Why (3): near-duplicate samples have zero sets that differ on a few rows; a direction between
+their columns is zero on the intersection and passes (1) and (2), since the pre-activations that tell them apart
+are near zero. Those rows then do not count, its zero set has a second, almost-null direction (lambda_2 ~ 0): the
+estimate is large and the sample is not certified (`stop_reason` "unpinned"). tests/test_spear.py checks
+near-duplicates at several distances and seeds (with both searches), noisy, multi-step and aggregated updates,
+samples a trained model already fits, and a fuzz over random batches; tests/test_federation.py a FedAvg update
+holding two samples at cosine 0.97: no certified answer is wrong. The per-sample estimates are returned
+(`sample_errors`) as a confidence; they are of the order of the real errors (3e-8 estimated vs 8e-8 measured on a
+batch of 8 natural-image crops; 6.4% vs 6.9% on the FedAvg update's unpinned sample).
 
 `reconstruct` is the pure algorithm on tensors; the `Spear` attack wraps it for `fedsim` observations.
 """
