@@ -5,6 +5,7 @@ Each lab runs in a fresh folder, with `fedsim` and `fedsim-report` on PATH as th
 line (e.g. `attack=spear`) fails at once, naming it, when conf/ lacks that option.
 """
 
+import csv
 import os
 import re
 import shlex
@@ -84,6 +85,21 @@ def test_the_lab_runs_as_written(lab, tmp_path):
     assert pages, f"{lab} produced no report page"
     # Timing is checked loosely: the test machine is shared and slower than a laptop.
     assert elapsed < 3 * LAB_SECONDS, f"{lab} took {elapsed:.0f} s"
+    if lab == "02_spear_batches.md":
+        _check_lab2_answer(work)
+
+
+def _check_lab2_answer(work: Path) -> None:
+    """Lab 2's answer to question 5, as its commands measure it: at b = 32 the sampling search spends its counted
+    budget and recovers no sample exactly, the large-batch search (`auto`) recovers every one, certified."""
+    rows = list(csv.DictReader((work / "multirun/batch_sweep/small/report/table.csv").open()))
+    at32 = {row["attack.solver"]: row for row in rows if row["fl.batch_size"] == "32" and row["study.width"] == "1000"}
+    sampling, auto = at32["sampling"], at32["auto"]
+    assert float(sampling["exact"]) == 0.0 and sampling["stats.stop_reason"] == "samples"
+    assert int(float(sampling["stats.samples"])) == 500_000 and sampling["certified"] != "True"
+    assert float(auto["exact"]) == 1.0 and auto["certified"] == "True" and auto["stats.solver"] == "dictionary"
+    assert all(float(row["exact"]) == 1.0 for row in rows if row["attack.solver"] == "sampling"
+               and int(row["fl.batch_size"]) <= 8)
 
 
 @pytest.mark.parametrize("lab", TRAINING_LABS)
