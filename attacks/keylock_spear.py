@@ -88,7 +88,8 @@ class KeyLockSpear(Attack):
             rows = a.abs() > 1e-12           # a = 0: the channel is constant, its gradient rows carry nothing
             result = spear((a[:, None] * W)[rows], (a * (bias - mu) + beta)[rows], (dW / a[:, None])[rows],
                            (db / a)[rows], b, **budget)
-            stats.update(certified_layer="locked", samples=result.samples, seconds=round(result.seconds, 3))
+            stats.update(certified_layer="locked", samples=result.samples, seconds=round(result.seconds, 3),
+                         stop_reason=result.stop_reason, budget_exhausted=result.budget_exhausted)
             inputs = result.inputs.reshape(result.batch_size, *obs.meta.input_shape).float()
             return Reconstruction(inputs=inputs, certified=result.certified, matching_loss=result.fit_residual,
                                   stats=stats)
@@ -97,7 +98,8 @@ class KeyLockSpear(Attack):
         result = spear(nxt.weight.detach().double(), nxt.bias.detach().double(), grads[f"{prefix}{k + 2}.weight"],
                        grads[f"{prefix}{k + 2}.bias"], b, **budget)
         stats.update(features_certified=bool(result.certified), samples=result.samples,
-                     seconds=round(result.seconds, 3))
+                     seconds=round(result.seconds, 3), stop_reason=result.stop_reason,
+                     budget_exhausted=result.budget_exhausted)
         centred, gap = invert_lock(result.inputs, W, gamma, beta)
         stats["gap"] = gap
         found = locked_statistics(obs)

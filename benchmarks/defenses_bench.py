@@ -23,7 +23,9 @@ The defense acts on what the client sends: the gradient (FedSGD). Noise: clip C 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
+import os
 import platform
 import statistics
 import sys
@@ -50,13 +52,17 @@ ACCURACY = ["model=fc", "model.widths=[256,256]", "fl.batch_size=8", "fl.lr=0.5"
 
 SETUP = """Every number comes from a fedsim federation (inline runtime, FedSGD, digits 8x8, 4 IID clients, seed 0). The
 defense acts on what each client sends, its gradient. SPEAR: `model=fc` (256, 256), batch 8, one round, all 4
-clients, 10 s budget each; `exact` = fraction of the batch recovered with relative error <= 1e-3; key-lock rows run
-`attack=keylock_spear`. IG: DLG's sigmoid `lenet`, batch 1, one round, clients 0 and 1, 1000 iterations, no TV;
+clients, SPEAR's own counted budget (20 million sampled row families; key-lock rows: `attack=keylock_spear`, whose
+wall-clock cap is 60 s) unless the command says otherwise; `exact` = fraction of the batch recovered with relative
+error <= 1e-3; "SPEAR stopped" counts the attacked clients by `stop_reason` (certified; converged: a noisy gradient,
+more search changed nothing; noise: the batch's weakest direction is below the noise; samples or seconds: out of
+budget, marked "out of budget"). IG: DLG's sigmoid `lenet`, batch 1, one round, clients 0 and 1, 1000 iterations, no TV;
 key-lock's `regress_key` and `adaptive` rows run `attack=keylock_inversion` (the same recipe with the lock's unknowns
 optimised). Accuracy: `model=fc` (256, 256), batch 8, lr 0.5, 40 rounds, final global test accuracy (key-lock: the
 clients' own-key `client_accuracy`). Noise: clip C = 1 (clean gradient norms: 1.4 fc, 3.2 lenet), std sigma * C per
-coordinate; epsilon at delta = 1e-5 after the 40 accuracy rounds, full participation. Secure aggregation: attacks
-see one aggregate per round (SPEAR: batch 32; IG: batch 4)."""
+coordinate; epsilon at delta = 1e-5 after the 40 accuracy rounds, full participation, against the curious server:
+replace-one, no amplification (`defenses/noise.py`). Secure aggregation: attacks see one aggregate per round
+(SPEAR: batch 32; IG: batch 4)."""
 
 
 @dataclass
@@ -119,6 +125,10 @@ def run_cell(overrides: list[str], out: Path) -> tuple[dict | None, str | None]:
         "accuracy": last.get("client_accuracy", last.get("accuracy")), "server_accuracy": last.get("accuracy"),
         "epsilon": last.get("epsilon"), "privacy": last.get("privacy"),
         "seconds": statistics.fmean([a["seconds"] for a in attacks]) if attacks else None,
+        # why each search stopped, and how many ran out of their budget (the verdict is then the budget's)
+        "stops": dict(collections.Counter(str(a.get("stats", {}).get("stop_reason")) for a in attacks
+                                          if a.get("stats", {}).get("stop_reason"))),
+        "out_of_budget": sum(bool(a.get("stats", {}).get("budget_exhausted")) for a in attacks),
     }, None
 
 
@@ -136,7 +146,7 @@ def bench(args) -> list[dict]:
                     continue
                 overrides = FEDERATION + base + cell.defense + extra
                 if column == "spear":
-                    overrides += [f"attack.max_seconds={args.spear_seconds}"]
+                    overrides += spear_budget(args)
                 if column == "accuracy" and quick:
                     overrides += ["fl.rounds=15"]
                 if column == "ig" and quick:
@@ -157,8 +167,8 @@ def threshold(args) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         for sigma in sigmas:
             defense = ["defense=noise", "defense.clip=1.0", f"defense.sigma={sigma}"] if sigma else ["defense=none"]
-            summary, refused = run_cell(FEDERATION + SPEAR + defense + ["fl.rounds=2",
-                                        f"attack.max_seconds={args.spear_seconds}"], Path(tmp) / str(sigma))
+            summary, refused = run_cell(FEDERATION + SPEAR + defense + ["fl.rounds=2", *spear_budget(args)],
+                                        Path(tmp) / str(sigma))
             rows.append({"sigma": sigma, **(summary or {"refused": refused})})
             print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -183,17 +193,31 @@ def keylock_study(args) -> list[dict]:
 
 # --- the report --------------------------------------------------------------------------------------------------
 
+def spear_budget(args) -> list[str]:
+    """SPEAR's budget overrides: none by default (the attack's own counted budget and safety net)."""
+    return ([f"attack.max_samples={args.spear_samples}"] if args.spear_samples is not None else []) + \
+           ([f"attack.max_seconds={args.spear_seconds}"] if args.spear_seconds is not None else [])
+
+
+def stopped(spear: dict) -> str:
+    """'certified 4', 'converged 3, seconds 1 (1 out of budget)': why the attacked clients' searches ended."""
+    stops = spear.get("stops") or {}
+    text = ", ".join(f"{reason} {n}" for reason, n in sorted(stops.items())) or "-"
+    return text + (f" ({spear['out_of_budget']} out of budget)" if spear.get("out_of_budget") else "")
+
+
 def fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| defense | SPEAR exact | SPEAR certified | IG PSNR dB | IG SSIM | final accuracy | epsilon (40 rounds) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| defense | SPEAR exact | SPEAR certified | SPEAR stopped | IG PSNR dB | IG SSIM | final accuracy "
+             "| epsilon (40 rounds) |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         s, ig, acc = row.get("spear", {}), row.get("ig", {}), row.get("accuracy", {})
         spear = "refused" if "refused" in s else fmt(s.get("exact"), ".2f")
-        lines.append(f"| {row['defense']} | {spear} | {fmt(s.get('certified'), '.2f')} | "
+        lines.append(f"| {row['defense']} | {spear} | {fmt(s.get('certified'), '.2f')} | {stopped(s)} | "
                      f"{'refused' if 'refused' in ig else fmt(ig.get('psnr'), '.1f')} | {fmt(ig.get('ssim'), '.3f')} | "
                      f"{fmt(acc.get('accuracy'), '.3f')} | {fmt(acc.get('epsilon'), '.3g')} |")
     return "\n".join(lines)
@@ -216,7 +240,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--columns", default="spear,ig,accuracy")
     parser.add_argument("--only", default="", help="run only cells whose label contains one of these (comma-separated)")
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--spear-seconds", type=float, default=20.0, help="SPEAR's budget per reconstruction")
+    parser.add_argument("--spear-samples", type=int, default=None,
+                        help="SPEAR's counted budget per reconstruction (default: the attack's own, 20 million)")
+    parser.add_argument("--spear-seconds", type=float, default=None,
+                        help="SPEAR's wall-clock safety net (default: the attack's own); a search it stops is "
+                             "marked out of budget")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None, help="write the table into this BENCHMARKS.md")
@@ -235,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
         args.json.write_text(json.dumps(rows, indent=1))
     if args.out and args.part == "table":
         command = args.command or ("PYTHONPATH=. python benchmarks/defenses_bench.py " + " ".join(argv or sys.argv[1:]))
-        header = (f"{SECTION}\n\nMachine: {platform.processor() or platform.machine()}, 2 cores shared with other jobs, "
+        header = (f"{SECTION}\n\nMachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                   f"torch {torch.__version__}, {args.threads} intra-op thread(s). Command: `{command.strip()}` "
                   f"({minutes:.0f} min).\n\n{SETUP}\n")
         write_section(header + "\n" + table(rows) + "\n", args.out)

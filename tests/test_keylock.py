@@ -287,6 +287,9 @@ def test_with_running_statistics_spear_through_the_lock_is_exact_certified_only_
                               name="blind").attacks()
     assert keyed["exact"] == 1.0 and keyed["certified"] is True and keyed["stats"]["known_key"] is True
     assert blind["exact"] == 1.0 and blind["certified"] is False     # the lock does not stop SPEAR, only its proof
+    # the records say why each search ended: the keyed one proved its answer, the blind one ran out of budget
+    assert keyed["stats"]["stop_reason"] == "certified" and keyed["stats"]["budget_exhausted"] is False
+    assert blind["stats"]["stop_reason"] == "seconds" and blind["stats"]["budget_exhausted"] is True
 
 
 def test_with_batch_statistics_spear_through_the_lock_gets_the_batch_only_up_to_mean_and_contrast():

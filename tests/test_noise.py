@@ -199,6 +199,25 @@ def test_resnet18_batchnorm_statistics_are_clipped_and_noised_with_the_update(tm
         assert all(int(v) == 1 for k, v in buffers.items() if k.endswith("num_batches_tracked"))
 
 
+def test_clipping_alone_does_not_stop_spear_on_any_client(tmp_path):
+    """Clip 0.1 (no noise) on digits, 4 clients (benchmarks/defenses_bench.py's clip row): every client's batch
+    exact and certified. Client 2's search once stopped after 192 samples on a consistent but wrong choice
+    (PSNR 8.6 dB, `stop_reason: unpinned`), which read as "clipping protects one client in four"; a consistent
+    choice that its zero rows do not pin now keeps the search going (12 008 samples, certified). Counted budget."""
+    from tests.conftest import fedsim_run
+
+    from fedsim.training import single_thread
+
+    with single_thread():
+        rows = fedsim_run(tmp_path, *SPEAR_FC[:6], "attack=spear", "defense=clip", "defense.clip=0.1",
+                          "attack.max_seconds=null", "attack.max_samples=200000", "output.grid_clients=0",
+                          "fl.mode=fedsgd", "seed=0").attacks()
+    assert len(rows) == 4
+    assert all(r["exact"] == 1.0 and r["certified"] and r["stats"]["stop_reason"] == "certified" for r in rows), \
+        [(r["client"], r["exact"], r["stats"]["stop_reason"], r["stats"]["samples"]) for r in rows]
+    assert max(r["stats"]["samples"] for r in rows) < 50_000
+
+
 @pytest.mark.slow
 def test_the_demos_clipping_only_job_is_certified_at_round_50(tmp_path):
     """The demo's clipping-only job (clip 4, sigma 0; 2 clients, batches of 8, 50 FedSGD rounds): SPEAR on client

@@ -55,7 +55,8 @@ class SpearResult:
     budget_exhausted: the search stopped at its sample budget or its wall-clock cap without a certified answer
     (the answer might have improved with more budget; a report must not read it as the defense holding).
     stop_reason: certified, converged (noisy gradient, further search changed nothing), unpinned (a consistent
-    answer, some sample not pinned down by its zero rows: its error estimate is too large to certify), noise (the
+    answer, some sample not pinned down by its zero rows, its error estimate too large to certify, and a long
+    stretch of further search found no pinned one), noise (the
     batch's weakest direction is below the noise's singular values), solved (b <= 2), samples or seconds (budgets).
     solver: the search that ran (sampling or dictionary); noise_limited: the noise-floor case of stop_reason.
     """
