@@ -57,8 +57,9 @@ def _workers(args: list[str]) -> list[str]:
 
     Most tests run on one torch thread (clients, SPEAR, the optimisation attacks) or wait for subprocesses (Ray,
     SuperNodes, sweeps), so two workers take the suite on 2 cores from about 22 to about 11 minutes. A file stays on
-    one worker: its module fixtures (the GI-SMN prior, trained once) are built once. More workers than 2 would run
-    several Ray clusters and timed client faults side by side for little gain, so 2 is the most, whatever the cores.
+    one worker: its module fixtures (the GI-SMN prior, trained once) are built once. 3 workers on 2 cores gained
+    nothing (656 s against 666 s); more than 2 on more cores is not tested (several Ray clusters and timed client
+    faults side by side), so 2 is the most, whatever the cores.
     """
     chosen = any(a == "-n" or a.startswith("-n") and (a[2:].isdigit() or a[2:] in ("auto", "logical"))
                  or a.startswith("--numprocesses") or a == "no:xdist" for a in args)

@@ -209,9 +209,10 @@ def test_clipping_alone_does_not_stop_spear_on_any_client(tmp_path):
     from fedsim.training import single_thread
 
     with single_thread():
-        rows = fedsim_run(tmp_path, *SPEAR_FC[:6], "attack=spear", "defense=clip", "defense.clip=0.1",
-                          "attack.max_seconds=null", "attack.max_samples=200000", "output.grid_clients=0",
-                          "fl.mode=fedsgd", "seed=0").attacks()
+        rows = fedsim_run(tmp_path, "data=digits", "model=fc", "model.widths=[256,256]", "fl.batch_size=8",
+                          "fl.rounds=1", "fl.clients=4", "fl.mode=fedsgd", "seed=0", "attack=spear",
+                          "defense=clip", "defense.clip=0.1", "attack.max_seconds=null",
+                          "attack.max_samples=200000", "output.grid_clients=0").attacks()
     assert len(rows) == 4
     assert all(r["exact"] == 1.0 and r["certified"] and r["stats"]["stop_reason"] == "certified" for r in rows), \
         [(r["client"], r["exact"], r["stats"]["stop_reason"], r["stats"]["samples"]) for r in rows]

@@ -56,7 +56,8 @@ class SpearResult:
     (the answer might have improved with more budget; a report must not read it as the defense holding).
     stop_reason: certified, converged (noisy gradient, further search changed nothing), unpinned (a consistent
     answer, some sample not pinned down by its zero rows, its error estimate too large to certify, and a long
-    stretch of further search found no pinned one), noise (the
+    stretch of further search found no pinned one; or a fit or bias residual above the certificate's tolerance),
+    noise (the
     batch's weakest direction is below the noise's singular values), solved (b <= 2), samples or seconds (budgets).
     solver: the search that ran (sampling or dictionary); noise_limited: the noise-floor case of stop_reason.
     """

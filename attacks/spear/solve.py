@@ -13,7 +13,7 @@ from fedsim.training import single_thread
 
 from fedsim.attacks.spear.dictionary import DictionarySearch
 from fedsim.attacks.spear.factorisation import (_CERT_SAFETY, _DICTIONARY_AFTER, _DICTIONARY_FORCED_ROWS, _EXACT, _F32_FLOOR, _F64, _NOISE_FLOOR,
-    _SAMPLING_EXACT_MAX_B, _SAMPLING_MAX_B, _SAMPLING_MAX_TOL, Consistency, SpearResult, prepare)
+    _SAMPLING_EXACT_MAX_B, _SAMPLING_MAX_B, _SAMPLING_MAX_TOL, Consistency, Problem, SpearResult, prepare)
 from fedsim.attacks.spear.sampling import Search
 from fedsim.attacks.spear.selection import (Candidates, Selection, _solve_inputs, best_effort, certify, sample_errors,
     select)
@@ -260,7 +260,8 @@ def _reconstruct(weight: Tensor, bias: Tensor | None, grad_weight: Tensor, grad_
     if certified:
         stop_reason = "certified"
     elif stop_reason == "certified":
-        # The ReLU pattern, the bias relation and the pins hold, but the fit or the bias residual does not.
+        # The search's checks held (pattern, bias relation, pins), but the certificate's tolerance on the fit or the
+        # bias residual did not: no answer can be certified, more search would not change that.
         stop_reason = "unpinned"
     exhausted = not certified and stop_reason in ("samples", "seconds")
     return SpearResult(
@@ -273,9 +274,7 @@ def _reconstruct(weight: Tensor, bias: Tensor | None, grad_weight: Tensor, grad_
         noise_limited=lost)
 
 
-
-
-def _pinned(problem, Q: Tensor, R: Tensor) -> bool:
+def _pinned(problem: Problem, Q: Tensor, R: Tensor) -> bool:
     """Every sample of the selection `Q` is pinned down by its zero rows: its estimated relative error, with the
     certificate's safety factor, within the exact threshold (the per-sample half of the certificate)."""
     return bool((_CERT_SAFETY * sample_errors(problem, Q, _solve_inputs(Q, R)) <= _EXACT).all())
