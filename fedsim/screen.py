@@ -64,7 +64,7 @@ def check_arrays(arrays: Mapping[str, np.ndarray], reference: Mapping[str, Tenso
             expected = reference[name]
             if tuple(nd.shape) != tuple(expected.shape):
                 return Rejection("shape", f"'{name}' has shape {tuple(nd.shape)}, expected {tuple(expected.shape)}")
-            dtype = np.dtype(str(expected.dtype).replace("torch.", ""))
+            dtype = _numpy_dtype(expected.dtype)
             if nd.dtype != dtype:
                 return Rejection("dtype", f"'{name}' is {nd.dtype}, the model's is {dtype}")
         elif nd.dtype.kind not in "fc":
@@ -84,6 +84,12 @@ def check_arrays(arrays: Mapping[str, np.ndarray], reference: Mapping[str, Tenso
                 return Rejection("huge", f"'{name}' holds values up to {peak:.3g}: beyond {limit:.3g}, where "
                                          f"squares overflow {nd.dtype}")
     return None
+
+
+@lru_cache(maxsize=64)
+def _numpy_dtype(dtype) -> np.dtype:
+    """numpy's dtype for a torch dtype (torch.float32 -> float32), once per dtype, not per array of every reply."""
+    return np.dtype(str(dtype).replace("torch.", ""))
 
 
 @lru_cache(maxsize=64)
