@@ -434,3 +434,55 @@ def test_two_epochs_of_four_batches_with_momentum_recover_three_quarters_of_the_
                                                                   meta=meta))
     assert rec.stats["batch_size"] == 32 and rec.stats["solver"] == "dictionary"
     assert int((matched_errors(rec.inputs, x) <= 1e-3).sum()) >= 24
+
+
+# --- attack.device ------------------------------------------------------------------------------------------------
+
+DEVICE_CASES = [  # (case, solver, extra): both searches, b = 1 and 2, noise (converged and hopeless), local steps
+    (("digits", 200, 8), "sampling", {}), (("patches", 1000, 24), "dictionary", {}), (("digits", 1000, 1), "auto", {}),
+    (("digits", 1000, 2), "auto", {}), ((1e-4,), "auto", {}), ((1.0,), "auto", {}),
+    (("digits", 200, 8), "sampling", {"moved": True})]
+
+
+@pytest.mark.parametrize("case,solver,extra", DEVICE_CASES)
+def test_the_search_names_the_device_of_every_tensor_it_makes(case, solver, extra):
+    """`attack.device`: the search makes every tensor on its inputs' device (random draws from CPU generators, then
+    moved), so a CUDA run makes the CPU run's draws. This machine has no GPU, so the check runs the search with
+    torch's default device set to `meta`: a tensor made without naming its device is then a meta tensor, which
+    fails in most operations and, multiplied into a CPU tensor, gives garbage instead (the range finder's random
+    sketch did, before it named its device). The same bits as a plain run show that no such tensor was used."""
+    if len(case) == 3:
+        _, model, _, _, grads = fc_case(*case)
+        b = case[2]
+    else:
+        _, model, _, grads = demo_case(case[0])
+        b = 8
+    layer = model.net[1]
+    args = (layer.weight, layer.bias, grads["net.1.weight"], grads["net.1.bias"], b)
+    kwargs = {"solver": solver}
+    if extra.get("moved"):  # FedAvg with several steps: the layer after local training joins the certificate
+        kwargs.update(weight_after=layer.weight.detach() - 0.1 * grads["net.1.weight"],
+                      bias_after=layer.bias.detach() - 0.1 * grads["net.1.bias"])
+    plain = reconstruct(*args, **kwargs)
+    torch.set_default_device("meta")
+    try:
+        named = reconstruct(*args, **kwargs, device="cpu")
+    finally:
+        torch.set_default_device(None)
+    assert named.inputs.device.type == "cpu" and torch.equal(named.inputs, plain.inputs)
+    assert (named.stop_reason, named.samples, named.certified) == (plain.stop_reason, plain.samples, plain.certified)
+
+
+def test_attack_device_is_cuda_when_torch_sees_one_and_cuda_without_one_is_a_config_error():
+    from fedsim.errors import ConfigError
+
+    assert build_attack({"name": "spear", "device": "cpu"}).device == torch.device("cpu")
+    auto = build_attack({"name": "spear"}).device
+    if torch.cuda.is_available():
+        assert auto.type == "cuda" and build_attack({"name": "spear", "device": "cuda"}).device.type == "cuda"
+    else:
+        assert auto == torch.device("cpu")
+        with pytest.raises(ConfigError, match=r"attack\.device='cuda'.*no CUDA device"):
+            build_attack({"name": "spear", "device": "cuda"})
+    with pytest.raises(ConfigError, match=r"attack\.device.*auto.*cpu.*cuda"):
+        build_attack({"name": "spear", "device": "gpu"})

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from fedsim.attacks.base import Attack, register_attack
 from fedsim.schema import knob
-from fedsim.errors import AttackNotApplicable
+from fedsim.errors import AttackNotApplicable, ConfigError
 from fedsim.threat import Observation, Reconstruction, TrainMeta
 
 from fedsim.attacks.spear.factorisation import _CERT_SAFETY, _EXACT
@@ -102,6 +102,13 @@ class Spear(Attack):
         solver: str = knob("auto", choices=("auto", "sampling", "dictionary"),
                            help="search: SPEAR's sampling, the large-batch dictionary search, or auto (the cheaper: dictionary for exact b > 12, noisy b > 24, heavy noise)")
         seed: int = knob(0, help="seed of the sketch and of the sampling")
+        device: str = knob("auto", choices=("auto", "cpu", "cuda"),
+                           help="where the search's linear algebra runs: auto (a CUDA GPU when torch sees one, else "
+                                "the CPU), cpu or cuda; the same random draws either way")
+
+    def __init__(self, config: Config | None = None) -> None:
+        super().__init__(config)
+        self.device = search_device(self.config.device)
 
     def check(self, model: nn.Module, meta: TrainMeta) -> None:
         super().check(model, meta)
@@ -125,22 +132,36 @@ class Spear(Attack):
             layer.weight, layer.bias, grads[f"{prefix}.weight"], grads[f"{prefix}.bias"], b,
             max_samples=cfg.max_samples, max_seconds=cfg.max_seconds, tau=cfg.tau, tol=cfg.tol,
             subset=cfg.subset, chunk=cfg.chunk, deflate=cfg.deflate, solver=cfg.solver,
-            weight_after=after.get("weight"), bias_after=after.get("bias"), seed=cfg.seed)
-        inputs = result.inputs.reshape(result.batch_size, *obs.meta.input_shape).to(layer.weight.dtype)
-        errors = result.sample_errors
+            weight_after=after.get("weight"), bias_after=after.get("bias"), seed=cfg.seed, device=self.device)
+        inputs = result.inputs.reshape(result.batch_size, *obs.meta.input_shape).to(layer.weight)
+        errors = result.sample_errors.cpu() if result.sample_errors is not None else None
         stats: dict[str, float | int | bool | str] = {
             "samples": result.samples, "proposals": result.proposals, "candidates": result.candidates,
             "seconds": round(result.seconds, 4), "batch_size": result.batch_size, "rank": result.rank,
             "mismatches": result.mismatches, "tol": result.tol, "fit_residual": result.fit_residual,
             "stage": result.stage, "solver": result.solver, "stop_reason": result.stop_reason,
             "budget_exhausted": result.budget_exhausted, "noise_std": result.noise_std,
-            "noise_limited": result.noise_limited,
+            "noise_limited": result.noise_limited, "device": str(self.device),
             "sample_error_max": float(errors.max()) if errors is not None else math.nan,
             "samples_pinned": int((_CERT_SAFETY * errors <= _EXACT).sum()) if errors is not None else 0}
         if result.batch_size_estimated is not None:
             stats["batch_size_estimated"] = result.batch_size_estimated
         return Reconstruction(inputs=inputs, certified=result.certified, matching_loss=result.fit_residual,
                               stats=stats)
+
+
+def search_device(name: str) -> torch.device:
+    """The device `attack.device` names: auto is CUDA when torch sees a GPU, else the CPU; cuda without one is a
+    configuration error (naming the key), not a silent fallback."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise ConfigError("attack.device", name, "one of auto, cpu, cuda")
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        if name == "cuda":
+            raise ConfigError("attack.device", name, "auto or cpu: torch sees no CUDA device on this machine")
+        return torch.device("cpu")
+    return torch.device("cuda")
 
 
 def distinct_samples(meta: TrainMeta) -> int | None:

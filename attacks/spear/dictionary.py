@@ -74,7 +74,7 @@ def complement(basis: Tensor, d: int, gen: torch.Generator) -> Tensor:
     """d orthonormal vectors orthogonal to the columns of basis (N, b, c): Gram-Schmidt of random vectors, twice
     against the basis and the earlier ones (for rounding). Returns (N, b, d)."""
     N, b, _ = basis.shape
-    out = torch.randn(N, b, d, generator=gen, dtype=_F64).to(basis.device)
+    out = torch.randn(N, b, d, generator=gen, dtype=_F64, device="cpu").to(basis.device)
     for i in range(d):
         v = out[:, :, i]
         for _ in range(2):
@@ -235,7 +235,7 @@ class DictionarySearch:
             i = int(match[pos].argmax())
             if float(match[pos, i]) < 1 - 1e-9:
                 continue
-            key = hash(self.cands.directions[i].numpy().tobytes())
+            key = hash(self.cands.directions[i].cpu().numpy().tobytes())
             if key in self.checked:
                 continue
             self.checked.add(key)
@@ -247,14 +247,14 @@ class DictionarySearch:
     def round(self, starts: int, gen: torch.Generator) -> None:
         b = self.L.shape[1]
         self.rounds += 1
-        points = torch.randn(starts, b, generator=gen, dtype=_F64).to(self.L.device)
+        points = torch.randn(starts, b, generator=gen, dtype=_F64, device="cpu").to(self.L.device)
         known = self.found()
         if self.rounds % 4 and known.shape[0] > 0:
             basis, _ = torch.linalg.qr(known.T)
             points = points - (points @ basis) @ basis.T
         # Scale: inputs of norm about sqrt(n) (standardised data) times a factor in [1/e, e], so that the bias
         # counts as much as it does for the real samples whatever their scale.
-        spread = torch.exp(2 * torch.rand(starts, 1, generator=gen, dtype=_F64) - 1).to(self.L.device)
+        spread = torch.exp(2 * torch.rand(starts, 1, generator=gen, dtype=_F64, device="cpu") - 1).to(self.L.device)
         points = points / (points @ self.problem.R).norm(dim=1, keepdim=True).clamp_min(1e-300) * self.scale * spread
         # Only rows inactive at the point can be in its sample's zero set: the scan stops at the first positive one.
         rows, negative = deep_rows(self.A, self.offset, points)

@@ -149,7 +149,7 @@ def factorise(grad_weight: Tensor, batch_size: int | None, gen: torch.Generator)
         if k >= full:
             U, S, Vh = torch.linalg.svd(grad_weight, full_matrices=False)
         else:
-            omega = torch.randn(n, k, generator=gen, dtype=_F64)
+            omega = torch.randn(n, k, generator=gen, dtype=_F64, device="cpu").to(grad_weight.device)
             Y, _ = torch.linalg.qr(grad_weight @ omega)
             Y, _ = torch.linalg.qr(grad_weight @ (grad_weight.T @ Y))  # one power iteration: sharper tail
             U_small, S, Vh = torch.linalg.svd(Y.T @ grad_weight, full_matrices=False)

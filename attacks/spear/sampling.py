@@ -120,7 +120,7 @@ def plane_runs(p1: Tensor, p2: Tensor, tol: float, min_run: int, min_zeros: int)
     close = gaps < tol
     close[0] = False                                            # runs across the wrap are split (rare, harmless)
     run_id = torch.cumsum(~close, dim=0) - 1                    # (m', F), runs numbered from 0 per family
-    lengths = torch.zeros(p1.shape[1], p1.shape[0], dtype=torch.long)
+    lengths = torch.zeros(p1.shape[1], p1.shape[0], dtype=torch.long, device=p1.device)
     lengths.scatter_add_(1, run_id.T, (~torch.isnan(theta)).T.long())
     n_common = common.sum(0)
     passes = (lengths >= min_run) & (lengths + n_common[:, None] >= min_zeros)       # (F, runs)
@@ -181,7 +181,7 @@ class Search:
         q, tight, counts = q[keep], tight[:, keep], counts[keep]
         keep = ~_parallel_to(q, self.cands.directions) & ~_parallel_to_earlier(q)
         if bool(keep.any()):
-            masks = torch.ones(self.m, int(keep.sum()), dtype=torch.bool)
+            masks = torch.ones(self.m, int(keep.sum()), dtype=torch.bool, device=q.device)
             masks[self.pool] = tight[:, keep]
             self.cands.add(q[keep], counts[keep], masks)
 
@@ -212,7 +212,7 @@ class Search:
         q, common_local = q[fresh], common_local[:, fresh]
         if q.shape[0] == 0:
             return
-        common = torch.zeros(self.act_rows.shape[0], q.shape[0], dtype=torch.bool)
+        common = torch.zeros(self.act_rows.shape[0], q.shape[0], dtype=torch.bool, device=q.device)
         common[rows] = common_local
         if cond.shape[0]:
             q, ok = lift(self.act_rows, q, cond, self.cond_masks, self.pair_tol, self.min_run)
@@ -221,9 +221,10 @@ class Search:
 
     def screen_plane(self) -> None:
         """b = 2: the kernel of no rows is the whole plane; one family, counted on every active row."""
-        chol = torch.tensor([[1.0], [0.0], [1.0]], dtype=_F64)
-        self.examine(torch.arange(self.act_rows.shape[0]), torch.empty(1, 0, 2, dtype=_F64), chol,
-                     torch.empty(0, 2, dtype=_F64))
+        device = self.act_rows.device
+        chol = torch.tensor([[1.0], [0.0], [1.0]], dtype=_F64, device=device)
+        self.examine(torch.arange(self.act_rows.shape[0], device=device), torch.empty(1, 0, 2, dtype=_F64, device=device),
+                     chol, torch.empty(0, 2, dtype=_F64, device=device))
         self.samples, self.proposals = 1, self.act_rows.shape[0]
 
     def conditioning(self, subset: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -234,8 +235,8 @@ class Search:
         """
         m_act, b = self.act_rows.shape
         free = torch.nonzero(~self.cands.dominated).flatten()
-        free = free[torch.randperm(free.numel(), generator=gen)]
-        inside = torch.ones(m_act, dtype=torch.bool)
+        free = free[torch.randperm(free.numel(), generator=gen, device="cpu").to(free.device)]
+        inside = torch.ones(m_act, dtype=torch.bool, device=free.device)
         chosen: list[int] = []
         zeros = self.cands.masks[self.pool]
         for c in free.tolist():
@@ -258,14 +259,15 @@ class Search:
         the direction found is q_i projected off q_C, lifted back by `lift`.
         """
         m_act, b = self.act_rows.shape
-        cond, rows = self.conditioning(subset, gen) if deflate else (torch.empty(0, b, dtype=_F64),
-                                                                      torch.arange(m_act))
+        device = self.act_rows.device
+        cond, rows = self.conditioning(subset, gen) if deflate else (torch.empty(0, b, dtype=_F64, device=device),
+                                                                      torch.arange(m_act, device=device))
         d = b - 2 - cond.shape[0]
         s_rows = min(rows.numel(), max(subset, _SCREEN_ELEMENTS // K))
         # S may share rows with a family's B: those vanish on the whole plane and have no angle (`line_angles`).
-        perm = rows[torch.randperm(rows.numel(), generator=gen)]
+        perm = rows[torch.randperm(rows.numel(), generator=gen, device="cpu").to(device)]
         subset_idx = perm[:s_rows]
-        family = self.act_rows[rows[distinct_draws(rows.numel(), K, d, gen)]]    # (K, b-2-f, b)
+        family = self.act_rows[rows[distinct_draws(rows.numel(), K, d, gen).to(device)]]    # (K, b-2-f, b)
         if cond.shape[0]:
             family = torch.cat((family, cond.expand(K, -1, -1)), dim=1)
         y, ok = family_kernels(family)                                # repeated rows are exactly singular: dropped
@@ -296,14 +298,14 @@ def distinct_draws(r: int, K: int, d: int, gen: torch.Generator) -> Tensor:
 
     Few rows (r small next to d^2) would repeat an index in many draws, each a wasted, singular solve: there a
     partial Fisher-Yates shuffle draws without replacement. Otherwise independent draws; the rare repeats give
-    exactly singular submatrices that `family_kernels` drops.
+    exactly singular submatrices that `family_kernels` drops. On the CPU, where `gen` draws.
     """
     if d * (d - 1) <= 0.1 * r or d == 0:
-        return torch.randint(0, r, (K, d), generator=gen)
-    perm = torch.arange(r).repeat(K, 1)
-    rows = torch.arange(K)
+        return torch.randint(0, r, (K, d), generator=gen, device="cpu")
+    perm = torch.arange(r, device="cpu").repeat(K, 1)
+    rows = torch.arange(K, device="cpu")
     for i in range(d):
-        j = i + (torch.rand(K, generator=gen) * (r - i)).long().clamp_max(r - i - 1)
+        j = i + (torch.rand(K, generator=gen, device="cpu") * (r - i)).long().clamp_max(r - i - 1)
         pi, pj = perm[rows, i].clone(), perm[rows, j]
         perm[rows, i] = pj
         perm[rows, j] = pi
@@ -321,9 +323,9 @@ def lift(act_rows: Tensor, p: Tensor, cond: Tensor, cond_masks: Tensor, tol: flo
     """
     f = cond.shape[0]
     out = p.clone()
-    ok = torch.ones(p.shape[0], dtype=torch.bool)
+    ok = torch.ones(p.shape[0], dtype=torch.bool, device=p.device)
     for k in range(f):
-        others = torch.ones(f, dtype=torch.bool)
+        others = torch.ones(f, dtype=torch.bool, device=p.device)
         others[k] = False
         rows = act_rows[cond_masks[:, others].all(dim=1) & ~cond_masks[:, k]]      # (r, b)
         if rows.shape[0] < 3:
@@ -335,7 +337,7 @@ def lift(act_rows: Tensor, p: Tensor, cond: Tensor, cond_masks: Tensor, tol: flo
         close = gaps < tol
         close[0] = False
         run_id = torch.cumsum(~close, dim=0) - 1
-        lengths = torch.zeros(out.shape[0], theta.shape[0], dtype=torch.long)
+        lengths = torch.zeros(out.shape[0], theta.shape[0], dtype=torch.long, device=out.device)
         lengths.scatter_add_(1, run_id.T, torch.ones_like(run_id.T))
         best_len, best_run = lengths.max(dim=1)
         ok &= best_len >= min(min_run, 3)
@@ -349,14 +351,14 @@ def lift(act_rows: Tensor, p: Tensor, cond: Tensor, cond_masks: Tensor, tol: flo
 def _parallel_to(q: Tensor, known: Tensor) -> Tensor:
     """(c,) bool: q (c, b) parallel (|cos| > 1 - _SAME) to some row of known (k, b)."""
     if known.shape[0] == 0 or q.shape[0] == 0:
-        return torch.zeros(q.shape[0], dtype=torch.bool)
+        return torch.zeros(q.shape[0], dtype=torch.bool, device=q.device)
     return ((q @ known.T).abs() > 1 - _SAME).any(dim=1)
 
 
 def _parallel_to_earlier(q: Tensor) -> Tensor:
     """(c,) bool: row i of q parallel to a row j < i."""
     if q.shape[0] < 2:
-        return torch.zeros(q.shape[0], dtype=torch.bool)
+        return torch.zeros(q.shape[0], dtype=torch.bool, device=q.device)
     return torch.tril((q @ q.T).abs() > 1 - _SAME, diagonal=-1).any(dim=1)
 
 

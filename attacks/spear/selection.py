@@ -36,10 +36,10 @@ class Candidates:
     excluded: Tensor | None = None  # (c,) set aside for good (`exclude`): ranked with the dominated ones
 
     @classmethod
-    def empty(cls, m: int, b: int, forced_rows: int = -1) -> "Candidates":
-        return cls(torch.empty(0, b, dtype=_F64), torch.empty(0, dtype=torch.long),
-                   torch.empty(m, 0, dtype=torch.bool), torch.empty(0, dtype=torch.bool), keep_dominated=2 * b,
-                   forced_rows=forced_rows)
+    def empty(cls, m: int, b: int, forced_rows: int = -1, device: torch.device | str = "cpu") -> "Candidates":
+        return cls(torch.empty(0, b, dtype=_F64, device=device), torch.empty(0, dtype=torch.long, device=device),
+                   torch.empty(m, 0, dtype=torch.bool, device=device), torch.empty(0, dtype=torch.bool, device=device),
+                   keep_dominated=2 * b, forced_rows=forced_rows)
 
     def __len__(self) -> int:
         return self.directions.shape[0]
@@ -51,7 +51,7 @@ class Candidates:
         self.directions = torch.cat((self.directions, directions))
         self.counts = torch.cat((self.counts, counts))
         self.masks = torch.cat((self.masks, masks), dim=1)
-        fresh = torch.zeros(directions.shape[0], dtype=torch.bool)
+        fresh = torch.zeros(directions.shape[0], dtype=torch.bool, device=directions.device)
         self.excluded = fresh if self.excluded is None else torch.cat((self.excluded, fresh))
         self.prune()
         if self.directions.shape != before.shape or not torch.equal(self.directions, before):
@@ -75,7 +75,7 @@ class Candidates:
         self.dominated = dominated.any(dim=1) | self.excluded
         order = torch.argsort(self.counts, descending=True, stable=True)
         rank_in_dominated = torch.cumsum(self.dominated[order].long(), 0)
-        keep = torch.ones(len(self), dtype=torch.bool)
+        keep = torch.ones(len(self), dtype=torch.bool, device=self.counts.device)
         keep[order] = ~self.dominated[order] | (rank_in_dominated <= self.keep_dominated)
         if not bool(keep.all()):
             self.directions, self.counts = self.directions[keep], self.counts[keep]
@@ -96,7 +96,7 @@ class Candidates:
         """For new zero patterns masks: (r, c) on `rows`: which lie inside a known candidate's (as in `prune`), and
         the zero count a dominated direction must exceed to enter the pool (-1 while the pool has room)."""
         if len(self) == 0:
-            return torch.zeros(masks.shape[1], dtype=torch.bool), -1
+            return torch.zeros(masks.shape[1], dtype=torch.bool, device=masks.device), -1
         known = self.masks[rows].to(_F64)
         new = masks.to(_F64)
         inside = new.T @ known                                          # (c, k)
@@ -174,14 +174,14 @@ def score(problem: Problem, cands: Candidates, sels: Tensor) -> tuple[Tensor, Te
     Returns violations (P,) (a huge number where the selection cannot be inverted), bias residuals (P,), Q (P, b, b).
     """
     Q, ok = disaggregate(problem, cands.directions[sels].mT)
-    Q = torch.where(ok[:, None, None], Q, torch.eye(Q.shape[1], dtype=_F64))
+    Q = torch.where(ok[:, None, None], Q, torch.eye(Q.shape[1], dtype=_F64, device=Q.device))
     mismatches, bias_res = certify(problem, Q)
     return torch.where(ok, mismatches, torch.iinfo(torch.long).max), bias_res, Q
 
 
 def independent_greedy(directions: Tensor, order: list[int], b: int, tol: float) -> list[int]:
     """Stage 1: walk candidates in `order`, keep those linearly independent of the kept ones (up to b)."""
-    basis = torch.empty(directions.shape[1], 0, dtype=_F64)
+    basis = torch.empty(directions.shape[1], 0, dtype=_F64, device=directions.device)
     chosen: list[int] = []
     for i in order:
         q = directions[i]
@@ -218,7 +218,8 @@ def select(problem: Problem, cands: Candidates, b: int, swaps: int = 4, batch: i
     sel = independent_greedy(cands.directions, order, b, min(0.1, max(1e-6, 100 * problem.tol)))
     if len(sel) < b:
         return None
-    mism, bias_res, Q = score(problem, cands, torch.tensor([sel]))
+    device = cands.directions.device
+    mism, bias_res, Q = score(problem, cands, torch.tensor([sel], device=device))
     if int(mism[0]) == torch.iinfo(torch.long).max:
         return None
     best = Selection(sel, Consistency(int(mism[0]), float(bias_res[0])), Q[0], 1)
@@ -226,15 +227,15 @@ def select(problem: Problem, cands: Candidates, b: int, swaps: int = 4, batch: i
         others = [i for i in order if i not in best.indices][: 2 * b if b <= _ALL_POSITIONS else _SWAP_OTHERS]
         if best.consistency.mismatches == 0 or not others:
             break
-        base = torch.tensor(best.indices)
-        positions = torch.arange(b)
+        base = torch.tensor(best.indices, device=device)
+        positions = torch.arange(b, device=device)
         if b > _ALL_POSITIONS:
             per_sample, _ = certify(problem, best.Q[None], per_column=True)
             worst = torch.argsort(per_sample[0], descending=True, stable=True)
             positions = worst[per_sample[0][worst] > 0][:_SWAP_POSITIONS]
         trials = base.repeat(len(positions) * len(others), 1)
         pos = positions.repeat_interleave(len(others))
-        trials[torch.arange(trials.shape[0]), pos] = torch.tensor(others).repeat(len(positions))
+        trials[torch.arange(trials.shape[0], device=device), pos] = torch.tensor(others, device=device).repeat(len(positions))
         results = [score(problem, cands, part) for part in trials.split(batch)]
         mism = torch.cat([r[0] for r in results])
         k = int(torch.argmin(mism))
@@ -254,8 +255,8 @@ def best_effort(problem: Problem, cands: Candidates, b: int, gen: torch.Generato
     sel = independent_greedy(cands.directions, cands.order(), b, 1e-6) if len(cands) else []
     cols = [cands.directions[i] for i in sel]
     while len(cols) < b:
-        basis = torch.stack(cols, dim=1) if cols else torch.empty(b, 0, dtype=_F64)
-        r = torch.randn(b, generator=gen, dtype=_F64)
+        basis = torch.stack(cols, dim=1) if cols else torch.empty(b, 0, dtype=_F64, device=problem.L.device)
+        r = torch.randn(b, generator=gen, dtype=_F64, device="cpu").to(problem.L.device)
         r = r - basis @ (basis.T @ r)
         if float(r.norm()) > 1e-6:
             cols.append(r / r.norm())
@@ -294,7 +295,7 @@ def sample_errors(problem: Problem, Q: Tensor, inputs: Tensor) -> Tensor:
     if problem.row_noise is not None:
         row_var = problem.row_noise.pow(2)
     else:
-        row_var = torch.full((problem.L.shape[0],), problem.noise_std ** 2, dtype=_F64)
+        row_var = torch.full((problem.L.shape[0],), problem.noise_std ** 2, dtype=_F64, device=problem.L.device)
     zeros = noisy_zero_mask(problem, L, qbar)   # the noise's own threshold: a wide search tolerance would add rows
     # A zero row pins a column only where the recovered sample confirms it: its pre-activation clearly negative
     # (outside the certificate's band). Two near-duplicate samples whose ReLU patterns differ on one row are told
@@ -325,7 +326,7 @@ def sample_errors(problem: Problem, Q: Tensor, inputs: Tensor) -> Tensor:
         expected = scale * ((z * row_var[active][:, None]).sum(0) / count).sqrt()
         tilt = tilt * torch.maximum(fitted / expected.clamp_min(1e-300), torch.ones_like(tilt))
     else:
-        tilt = torch.zeros(1, dtype=_F64)
+        tilt = torch.zeros(1, dtype=_F64, device=problem.L.device)
     Qinv = torch.linalg.pinv(Q)
     x_norm = inputs.norm(dim=1).clamp_min(1e-300)
     # dx_i = -sum_l (Q^-1 dq_l)_i x_l with ||dq_l|| = tilt_l ||q_l||: root-sum-square over l (independent tilts).

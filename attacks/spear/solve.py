@@ -39,6 +39,7 @@ def reconstruct(
     weight_after: Tensor | None = None,
     bias_after: Tensor | None = None,
     seed: int = 0,
+    device: torch.device | str | None = None,
 ) -> SpearResult:
     """SPEAR on one Linear layer followed by ReLU. Shapes as torch.nn.Linear:
 
@@ -59,6 +60,8 @@ def reconstruct(
     pattern of each sample was set somewhere between the two, so the certificate judges only the entries whose
     sign agrees at both ends.
     seed: seeds the sketch and the search (the result is deterministic given the inputs and the seed).
+    device: where the search runs (None: the weight's device). Random draws come from CPU generators and are moved
+    there, so a CUDA run makes the same draws as a CPU one; the result's tensors are on that device.
 
     Stops as soon as a certified reconstruction exists; on a noisy gradient, once further search stops changing
     the selection; otherwise at the budget. Never raises on a finite gradient of a valid shape: without an exact
@@ -70,6 +73,10 @@ def reconstruct(
     """
     if solver not in ("auto", "sampling", "dictionary"):
         raise ValueError(f"solver must be one of auto, sampling, dictionary; got {solver!r}")
+    device = torch.device(device) if device is not None else weight.device
+    weight, bias, grad_weight, grad_bias, weight_after, bias_after = (
+        None if t is None else t.detach().to(device) for t in (weight, bias, grad_weight, grad_bias, weight_after,
+                                                                bias_after))
     with single_thread():
         return _reconstruct(weight, bias, grad_weight, grad_bias, batch_size, max_samples=max_samples,
                             max_seconds=max_seconds, tau=tau, tol=tol, subset=subset, chunk=chunk, deflate=deflate,
@@ -113,7 +120,8 @@ def _reconstruct(weight: Tensor, bias: Tensor | None, grad_weight: Tensor, grad_
     # The large-batch search's candidates are kernels of all their zero rows, with no forced row: a column whose
     # zero set lies within a few rows of another's is a near-duplicate sample, not a mix (a mix of two columns is
     # zero only on their intersection), so it is not set aside as dominated.
-    cands = Candidates.empty(m, b, forced_rows=_DICTIONARY_FORCED_ROWS if use_dictionary else -1)
+    cands = Candidates.empty(m, b, forced_rows=_DICTIONARY_FORCED_ROWS if use_dictionary else -1,
+                             device=problem.L.device)
     if use_dictionary or lost:
         search = DictionarySearch.create(problem, pool, m, min_zeros, cands, noisy=noisy,
                                          moved=weight_after is not None)
@@ -161,7 +169,8 @@ def _reconstruct(weight: Tensor, bias: Tensor | None, grad_weight: Tensor, grad_
         return max_seconds is not None and time.perf_counter() - start > max_seconds
 
     if b == 1:
-        search.cands.add(torch.ones(1, 1, dtype=_F64), (~active).sum().view(1), (~active)[:, None].clone())
+        search.cands.add(torch.ones(1, 1, dtype=_F64, device=active.device), (~active).sum().view(1),
+                         (~active)[:, None].clone())
         stop_reason = "solved"
     elif lost:
         search.round(min(max_samples, 4 * b), gen)
