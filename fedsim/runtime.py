@@ -257,7 +257,8 @@ class _Worker:
                 done = self._done
             try:
                 reply = self._deliver(msg)
-            except Exception:  # as a thread's uncaught exception: reported, and no reply arrives
+            except BaseException:  # noqa: BLE001 (a client's sys.exit too: the thread must live to serve the rest)
+                # as a thread's uncaught exception: reported, and no reply arrives
                 log.exception("delivering a message to node %s failed", msg.metadata.dst_node_id)
                 reply = None
             with self._cond:

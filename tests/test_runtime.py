@@ -194,3 +194,27 @@ def test_inline_clients_share_one_thread_until_one_is_late():
     assert len(grid.send_and_receive([Message(RecordDict(), dst_node_id=order[0], message_type=MessageType.QUERY)],
                                      timeout=5.0)) == 1   # after close, a new thread serves
     grid.close()
+
+
+def test_an_inline_client_that_exits_loses_its_reply_and_the_round_goes_on():
+    """A client calling sys.exit (not an Exception) ends neither the worker thread nor the round: its reply is
+    missing (the server records a dropout) and the clients after it, on the same thread, reply."""
+    import sys as _sys
+
+    app = ClientApp()
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        pid = int(context.node_config["partition-id"])
+        if pid == 1:
+            _sys.exit(3)
+        return Message(RecordDict({"c": ConfigRecord({"pid": pid})}), reply_to=msg)
+
+    grid = InlineGrid(app, 3, node_seed=0)
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = grid.run_id, 1, 0
+    pid = {node: int(ctx.node_config["partition-id"]) for node, ctx in grid.contexts.items()}
+    order = sorted(grid.get_node_ids(), key=pid.get)
+    replies = grid.send_and_receive([Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY)
+                                     for n in order], timeout=30.0)
+    assert [r.content["c"]["pid"] for r in replies] == [0, 2]
+    grid.close()
