@@ -94,6 +94,7 @@ class Factorisation:
     noise_std: estimated standard deviation of the entries of dW outside its rank-b part,
     ||dW - L R||_F / sqrt((m - b)(n - b)) (the residual of a rank-b fit to signal plus i.i.d. noise has that many
     degrees of freedom): DP noise, quantisation, float32 rounding of a FedAvg delta, all seen the same way.
+    residual_rows: (m,) ||dW_j - l_j R|| per row (None if not measured).
     """
 
     L: Tensor
@@ -101,6 +102,7 @@ class Factorisation:
     singular_values: Tensor
     noise: float
     noise_std: float = 0.0
+    residual_rows: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -164,8 +166,9 @@ def factorise(grad_weight: Tensor, batch_size: int | None, gen: torch.Generator)
     L = U[:, :b].contiguous()
     R = (S[:b, None] * Vh[:b]).contiguous()
     dof = (m - b) * (n - b)
-    noise_std = float(torch.linalg.matrix_norm(grad_weight - L @ R) / math.sqrt(dof)) if dof > 0 else 0.0
-    return Factorisation(L, R, S, tail, noise_std), rank
+    residual_rows = torch.linalg.vector_norm(grad_weight - L @ R, dim=1)     # the m x n residual, formed once
+    noise_std = float(residual_rows.norm() / math.sqrt(dof)) if dof > 0 else 0.0
+    return Factorisation(L, R, S, tail, noise_std, residual_rows), rank
 
 
 def zero_tolerance(noise_std: float, weakest: float, row_rms: float, dtype: torch.dtype) -> float:
@@ -268,11 +271,12 @@ def prepare(weight: Tensor, bias: Tensor | None, grad_weight: Tensor, grad_bias:
     active = row_norm > row_norm.max().clamp_min(1e-300) * 1e-6  # rows of dead ReLUs are zero up to rounding
     unit_rows = torch.zeros_like(L)
     unit_rows[active] = L[active] / row_norm[active, None]
-    residual = dW - L @ fact.R
-    fit_res = float(residual.norm() / dW.norm().clamp_min(1e-300))
+    residual_rows = fact.residual_rows if fact.residual_rows is not None else \
+        torch.linalg.vector_norm(dW - L @ fact.R, dim=1)
+    fit_res = float(residual_rows.norm() / dW.norm().clamp_min(1e-300))
     # Each row's own noise level: float32 rounding scales with the row's magnitude, so rows where large samples are
     # active carry more of it than the average `noise_std` says (used by `sample_errors`).
-    row_noise = residual.norm(dim=1) / math.sqrt(max(n - b, 1))
+    row_noise = residual_rows / math.sqrt(max(n - b, 1))
     # The bias gradient's noise per entry, from its part outside the span of L (dbias = G 1 lies within it): it
     # sets the samples' scales, and a sample with a small gradient column takes its scale from a small component.
     bias_noise = float((db - L @ (L.T @ db)).norm() / math.sqrt(max(m - b, 1)))

@@ -145,13 +145,14 @@ def certify(problem: Problem, Q: Tensor, per_column: bool = False) -> tuple[Tens
     band = problem.tol * (problem.W_norm[:, None] * x_norm[:, None, :] + problem.bias.abs()[:, None])
     qbar = Q / Q.norm(dim=1, keepdim=True)
     dots = (problem.unit_rows @ qbar).abs()                                         # (P, m, b)
+    nonzero: Tensor | float = problem.tol
     if problem.noise_std > 0 and problem.singular_values is not None:
         # A row of small norm carries the same absolute noise as any other (see `zero_tolerance`): its relative
-        # value can exceed tol on a true zero. An entry within the noise is left undecided (in neither band).
+        # value can exceed tol on a true zero. An entry within the noise (|<l_j, q>| <= _ZERO_SIGMAS sigma) is left
+        # undecided: above tol/30 it is not a zero, and it counts as non-zero only above the noise as well.
         sigma = problem.noise_std * (qbar / problem.singular_values[None, :, None]).norm(dim=1)        # (P, b)
-        raw = dots * problem.row_norm[None, :, None]
-        undecided = (raw <= _ZERO_SIGMAS * sigma[:, None, :]) & (dots > problem.tol / 30)
-        dots = torch.where(undecided, torch.full_like(dots, problem.tol / 2), dots)
+        row_inv = 1.0 / problem.row_norm.clamp_min(1e-300)
+        nonzero = ((_ZERO_SIGMAS * sigma)[:, None, :] * row_inv[None, :, None]).clamp_min_(problem.tol)
     positive, negative = Z > band, Z < -band
     if problem.WR_after is not None:
         # Several local steps: a sample's ReLU pattern was set at some step in between. Judge only entries whose
@@ -162,7 +163,7 @@ def certify(problem: Problem, Q: Tensor, per_column: bool = False) -> tuple[Tens
         wide = band + (problem.move_norm[:, None] * x_norm[:, None, :] + problem.move_bias[:, None])
         positive = (Z > wide) & (Z_after > wide)
         negative = (Z < -wide) & (Z_after < -wide)
-    wrong = ((dots <= problem.tol / 30) & positive) | ((dots > problem.tol) & negative)
+    wrong = ((dots <= problem.tol / 30) & positive) | ((dots > nonzero) & negative)
     bias_res = (Q.sum(2) @ problem.L.T - problem.grad_bias).norm(dim=1)
     violations = wrong.sum(dim=1) if per_column else wrong.sum(dim=(1, 2))   # (P, b) per sample, or (P,)
     return violations, bias_res / problem.grad_bias.norm().clamp_min(1e-300)
