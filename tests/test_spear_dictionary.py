@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fedsim.attacks.spear import prepare, reconstruct
-from fedsim.attacks.spear.dictionary import DictionarySearch, sign_violations
+from fedsim.attacks.spear.dictionary import DictionarySearch, first_independent_rows, sign_violations
 from fedsim.attacks.spear.selection import Candidates
 from fedsim.metrics import score
 from tests.test_spear import demo_case, fc_case, matched_errors
@@ -26,6 +26,54 @@ def test_large_batch_search_recovers_32_natural_images_exactly_and_certifies(see
                          solver="dictionary", seed=seed)
     assert result.solver == "dictionary" and result.certified and result.stop_reason == "certified"
     assert matched_errors(result.inputs, x).max() <= 1e-3
+
+
+def _row_by_row(unit_rows, rows, dep_tol, b):
+    """The reference: Gram-Schmidt one row at a time, keeping a row whose residual exceeds dep_tol."""
+    bases, counts = [], []
+    for order in rows:
+        kept = []
+        for j in order.tolist():
+            if len(kept) == b - 1:
+                break
+            r = unit_rows[j].clone()
+            for u in kept:
+                r = r - (u @ r) * u
+            if r.norm() > dep_tol:
+                kept.append(r / r.norm())
+        counts.append(len(kept))
+        bases.append(torch.stack(kept, dim=1) if kept else torch.zeros(unit_rows.shape[1], 0, dtype=torch.float64))
+    return bases, counts
+
+
+@pytest.mark.parametrize("b", [6, 33])
+def test_the_blocked_row_scan_keeps_the_rows_a_row_by_row_scan_keeps(b):
+    """`first_independent_rows` scans rows in blocks; on rows built to be dependent (exact duplicates, rows inside
+    a 3-dimensional subspace, rows that differ from a kept one by 1e-6, below the tolerance) it keeps, for every
+    proposal, the same number of rows spanning the same subspace as plain Gram-Schmidt, and a short proposal stays
+    short."""
+    g = torch.Generator().manual_seed(b)
+    random = torch.randn(3 * b, b, generator=g, dtype=torch.float64)
+    flat = torch.randn(2 * b, 3, generator=g, dtype=torch.float64) @ torch.randn(3, b, generator=g,
+                                                                                dtype=torch.float64)
+    near = random[: b] + 1e-6 * torch.randn(b, b, generator=g, dtype=torch.float64)
+    unit = torch.cat((random, random[: b], flat, near))
+    unit = unit / unit.norm(dim=1, keepdim=True)
+    m = unit.shape[0]
+    orders = [torch.randperm(m, generator=g) for _ in range(12)]
+    orders.append(torch.arange(3 * b, m))                          # duplicates, the flat rows, near-copies first
+    orders.append(torch.cat((torch.arange(4 * b, 6 * b), torch.arange(b))))  # 3 + b rows: complete only at b - 1
+    orders.append(torch.arange(4 * b, 6 * b))                      # only the flat rows: 3 of b - 1
+    k = min(len(o) for o in orders)
+    rows = torch.stack([o[:k] for o in orders])
+    basis, count = first_independent_rows(unit, rows, 1e-4, head=3 * b)
+    reference, ref_count = _row_by_row(unit, rows, 1e-4, b)
+    assert count.tolist() == ref_count and ref_count[-1] == 3 and ref_count[0] == b - 1
+    for i, ref in enumerate(reference):
+        got = basis[i, :, : count[i]]
+        assert torch.allclose(got.T @ got, torch.eye(count[i], dtype=torch.float64), atol=1e-10)
+        assert torch.allclose(got @ got.T, ref @ ref.T, atol=1e-8)          # the same subspace
+        assert basis[i, :, count[i]:].abs().max() == 0 if count[i] < b - 1 else True
 
 
 def test_auto_takes_the_cheaper_search_for_the_batch_size():

@@ -33,7 +33,8 @@ def deep_rows(A: Tensor, offset: Tensor, points: Tensor) -> tuple[Tensor, int]:
     return order, int((margins < 0).sum(1).max())
 
 
-def first_independent_rows(unit_rows: Tensor, rows: Tensor, dep_tol: float, head: int) -> tuple[Tensor, Tensor]:
+def first_independent_rows(unit_rows: Tensor, rows: Tensor, dep_tol: float, head: int,
+                           block: int = 16) -> tuple[Tensor, Tensor]:
     """For each proposal, an orthonormal basis of its first b-1 linearly independent rows taken in the given order.
 
     unit_rows: (m', b); rows: (N, k) indices, deepest first. A row whose residual against the rows kept before it
@@ -42,6 +43,11 @@ def first_independent_rows(unit_rows: Tensor, rows: Tensor, dep_tol: float, head
     ones that tell those samples apart. The first `head` rows are scanned for every proposal, the rest only for
     proposals still short of b-1. Returns basis (N, b, b-1) and count (N,): independent rows found (b-1 when
     complete).
+
+    The scan takes `block` rows at a time: each block is projected off the basis as it stands in two batched
+    products, then its rows are kept or passed over one by one against the few vectors the block itself added.
+    The same Gram-Schmidt as one row at a time (up to rounding), but a (N, b, b-1) basis is read once per block
+    instead of once per row: at b = 100 the row-by-row scan was two thirds of the large-batch search's time.
     """
     N, k = rows.shape
     b = unit_rows.shape[1]
@@ -52,21 +58,33 @@ def first_independent_rows(unit_rows: Tensor, rows: Tensor, dep_tol: float, head
     basis = torch.where(done[:, None, None], Qf, torch.zeros_like(Qf))
     count = torch.where(done, b - 1, 0)
     live = torch.nonzero(~done).flatten()
-    for pos in range(k):
-        if pos == head or (pos > head and pos % 64 == 0):
+    pos = 0
+    while pos < k:
+        if pos >= head:
             live = live[count[live] < b - 1]
         if live.numel() == 0:
             break
-        B = basis[live]
-        v = unit_rows[rows[live, pos]]                                                  # (n, b)
-        r = v - torch.einsum("nbc,nc->nb", B, torch.einsum("nbc,nb->nc", B, v))
-        norm = r.norm(dim=1)
-        c = count[live]
-        add = (norm > dep_tol) & (c < b - 1)
-        if bool(add.any()):
-            idx, slot = live[add], c[add]
-            basis[idx, :, slot] = r[add] / norm[add, None]
-            count[idx] += 1
+        stop = min(pos + block, k)
+        B = basis[live]                                                                # (n, b, b-1)
+        V = unit_rows[rows[live, pos:stop]]                                            # (n, s, b)
+        R = V - (V @ B) @ B.mT                                                         # off the basis as it stands
+        n, s = R.shape[0], R.shape[1]
+        added = torch.zeros(n, b, s, dtype=R.dtype, device=R.device)                  # this block's new vectors
+        c = count[live].clone()
+        for i in range(s):
+            r = R[:, i]
+            if i:
+                r = r - torch.einsum("nbs,ns->nb", added[:, :, :i], torch.einsum("nbs,nb->ns", added[:, :, :i], r))
+            norm = r.norm(dim=1)
+            add = (norm > dep_tol) & (c < b - 1)
+            if bool(add.any()):
+                idx = torch.nonzero(add).flatten()
+                unit = r[idx] / norm[idx, None]
+                added[idx, :, i] = unit
+                basis[live[idx], :, c[idx]] = unit
+                c[idx] += 1
+        count[live] = c
+        pos = stop
     return basis, count
 
 
