@@ -66,14 +66,15 @@ def test_the_blocked_row_scan_keeps_the_rows_a_row_by_row_scan_keeps(b):
     orders.append(torch.arange(4 * b, 6 * b))                      # only the flat rows: 3 of b - 1
     k = min(len(o) for o in orders)
     rows = torch.stack([o[:k] for o in orders])
-    basis, count = first_independent_rows(unit, rows, 1e-4, head=3 * b)
+    basis, count = first_independent_rows(unit, rows, 1e-4)
     reference, ref_count = _row_by_row(unit, rows, 1e-4, b)
     assert count.tolist() == ref_count and ref_count[-1] == 3 and ref_count[0] == b - 1
     for i, ref in enumerate(reference):
         got = basis[i, :, : count[i]]
         assert torch.allclose(got.T @ got, torch.eye(count[i], dtype=torch.float64), atol=1e-10)
         assert torch.allclose(got @ got.T, ref @ ref.T, atol=1e-8)          # the same subspace
-        assert basis[i, :, count[i]:].abs().max() == 0 if count[i] < b - 1 else True
+        if count[i] < b - 1:
+            assert basis[i, :, count[i]:].abs().max() == 0                # unused slots stay empty
 
 
 def test_auto_takes_the_cheaper_search_for_the_batch_size():

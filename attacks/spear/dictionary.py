@@ -33,16 +33,15 @@ def deep_rows(A: Tensor, offset: Tensor, points: Tensor) -> tuple[Tensor, int]:
     return order, int((margins < 0).sum(1).max())
 
 
-def first_independent_rows(unit_rows: Tensor, rows: Tensor, dep_tol: float, head: int,
-                           block: int = 16) -> tuple[Tensor, Tensor]:
+def first_independent_rows(unit_rows: Tensor, rows: Tensor, dep_tol: float, block: int = 16
+                           ) -> tuple[Tensor, Tensor]:
     """For each proposal, an orthonormal basis of its first b-1 linearly independent rows taken in the given order.
 
     unit_rows: (m', b); rows: (N, k) indices, deepest first. A row whose residual against the rows kept before it
     is at most dep_tol (relative) adds nothing and is passed over: the deepest rows are often inactive for several
     near-duplicate samples at once and span too few dimensions; the next independent rows, further down, are the
-    ones that tell those samples apart. The first `head` rows are scanned for every proposal, the rest only for
-    proposals still short of b-1. Returns basis (N, b, b-1) and count (N,): independent rows found (b-1 when
-    complete).
+    ones that tell those samples apart. Only proposals still short of b-1 are scanned further. Returns basis
+    (N, b, b-1) and count (N,): independent rows found (b-1 when complete).
 
     The scan takes `block` rows at a time: each block is projected off the basis as it stands in two batched
     products, then its rows are kept or passed over one by one against the few vectors the block itself added.
@@ -60,8 +59,7 @@ def first_independent_rows(unit_rows: Tensor, rows: Tensor, dep_tol: float, head
     live = torch.nonzero(~done).flatten()
     pos = 0
     while pos < k:
-        if pos >= head:
-            live = live[count[live] < b - 1]
+        live = live[count[live] < b - 1]
         if live.numel() == 0:
             break
         stop = min(pos + block, k)
@@ -276,7 +274,7 @@ class DictionarySearch:
         points = points / (points @ self.problem.R).norm(dim=1, keepdim=True).clamp_min(1e-300) * self.scale * spread
         # Only rows inactive at the point can be in its sample's zero set: the scan stops at the first positive one.
         rows, negative = deep_rows(self.A, self.offset, points)
-        basis, count = first_independent_rows(self.unit, rows[:, :negative], self.dep_tol, head=3 * b)
+        basis, count = first_independent_rows(self.unit, rows[:, :negative], self.dep_tol)
         self.samples += starts
         self.proposals += starts
         line, plane = count == b - 1, count == b - 2

@@ -169,9 +169,14 @@ def factorise(grad_weight: Tensor, batch_size: int | None, gen: torch.Generator)
     L = U[:, :b].contiguous()
     R = (S[:b, None] * Vh[:b]).contiguous()
     dof = (m - b) * (n - b)
-    residual_rows = torch.linalg.vector_norm(torch.addmm(grad_weight, L, R, alpha=-1), dim=1)  # formed once
+    residual_rows = _residual_rows(grad_weight, L, R)
     noise_std = float(residual_rows.norm() / math.sqrt(dof)) if dof > 0 else 0.0
     return Factorisation(L, R, S, tail, noise_std, residual_rows), rank
+
+
+def _residual_rows(dW: Tensor, L: Tensor, R: Tensor) -> Tensor:
+    """(m,) ||dW_j - l_j R|| per row: the m x n residual formed once, its subtraction inside the product."""
+    return torch.linalg.vector_norm(torch.addmm(dW, L, R, alpha=-1), dim=1)
 
 
 def zero_tolerance(noise_std: float, weakest: float, row_rms: float, dtype: torch.dtype) -> float:
@@ -274,8 +279,7 @@ def prepare(weight: Tensor, bias: Tensor | None, grad_weight: Tensor, grad_bias:
     active = row_norm > row_norm.max().clamp_min(1e-300) * 1e-6  # rows of dead ReLUs are zero up to rounding
     unit_rows = torch.zeros_like(L)
     unit_rows[active] = L[active] / row_norm[active, None]
-    residual_rows = fact.residual_rows if fact.residual_rows is not None else \
-        torch.linalg.vector_norm(dW - L @ fact.R, dim=1)
+    residual_rows = fact.residual_rows if fact.residual_rows is not None else _residual_rows(dW, L, fact.R)
     fit_res = float(residual_rows.norm() / dW.norm().clamp_min(1e-300))
     # Each row's own noise level: float32 rounding scales with the row's magnitude, so rows where large samples are
     # active carry more of it than the average `noise_std` says (used by `sample_errors`).
