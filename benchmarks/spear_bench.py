@@ -179,6 +179,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dims", type=int, nargs="+", choices=sorted(DATA), help="input dims (default: 784 3072)")
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--trials-24", type=int, default=None, help="trials for b >= 24 (default: --trials)")
+    parser.add_argument("--first-trial", type=int, default=0,
+                        help="trial number to start at (split a grid over processes, then --merge their trials)")
     parser.add_argument("--max-seconds", type=float, default=120.0, help="per-trial wall-clock budget")
     parser.add_argument("--max-seconds-24", type=float, default=600.0, help="per-trial budget for b >= 24")
     parser.add_argument("--max-samples", type=int, default=100_000_000)
@@ -213,7 +215,8 @@ def main(argv: list[str] | None = None) -> None:
                 if b >= min(width, dim):
                     continue
                 n = (args.trials_24 or trials) if b >= 24 else trials
-                for solver, t in ((solver, t) for solver in args.solvers for t in range(n)):
+                for solver, t in ((solver, t) for solver in args.solvers
+                                   for t in range(args.first_trial, args.first_trial + n)):
                     r = trial(dim, width, b, t, budget_for(b, args), not args.no_deflate, solver)
                     rows.append(r)
                     log.write(json.dumps(r) + "\n")

@@ -42,7 +42,8 @@ Full strength on what defenses and training do to an update (issue "SPEAR at ful
   pre-activation only where its sign holds at both ends of the round with a margin as wide as the movement.
 * Aggregates: a secure aggregate of k clients is one batch of the summed size, attacked at the default budget.
 * Large batches: the sampling search costs about 2^b proposals; `dictionary.py` proposes each column from the
-  points of the inputs' coefficient space instead (its docstring, and BENCHMARKS.md for b = 16 to 64).
+  points of the inputs' coefficient space instead, with the deepest rows at a point and, robustly, the hyperplane
+  most of them lie on (its docstring, and BENCHMARKS.md for b = 16 to 100).
 * Budgets are counted (sampled families or proposed points), so an answer does not depend on the machine; the wall-clock cap is
   a safety net that the result reports (`budget_exhausted`, `stop_reason`).
 
