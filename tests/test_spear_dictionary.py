@@ -77,6 +77,9 @@ def test_the_blocked_row_scan_keeps_the_rows_a_row_by_row_scan_keeps(b):
         assert torch.allclose(got @ got.T, ref @ ref.T, atol=1e-8)          # the same subspace
         if count[i] < b - 1:
             assert basis[i, :, count[i]:].abs().max() == 0                # unused slots stay empty
+    # Fewer rows than b - 1 (a point with few rows behind it): counted as what they span, never as complete.
+    short_basis, short_count = first_independent_rows(unit, rows[:, : b - 3], 1e-4)
+    assert short_basis.shape == basis.shape and short_count.tolist() == _row_by_row(unit, rows[:, : b - 3], 1e-4, b)[1]
 
 
 def _plane_rows(b: int, inliers: int, rival: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

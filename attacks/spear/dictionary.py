@@ -53,13 +53,16 @@ def first_independent_rows(unit_rows: Tensor, rows: Tensor, dep_tol: float, bloc
     """
     N, k = rows.shape
     b = unit_rows.shape[1]
-    # Usually the b-1 deepest rows are independent already: one batched QR settles those proposals.
-    first = unit_rows[rows[:, : b - 1]].transpose(1, 2)                              # (N, b, b-1)
-    Qf, Rf = torch.linalg.qr(first)
-    done = (Rf.diagonal(dim1=1, dim2=2).abs() > dep_tol).all(dim=1)
-    basis = torch.where(done[:, None, None], Qf, torch.zeros_like(Qf))
-    count = torch.where(done, b - 1, 0)
-    live = torch.nonzero(~done).flatten()
+    if k < b - 1:  # too few rows to complete any proposal: the scan below counts what they span
+        basis = torch.zeros(N, b, b - 1, dtype=unit_rows.dtype, device=unit_rows.device)
+        count = torch.zeros(N, dtype=torch.long, device=unit_rows.device)
+    else:  # usually the b-1 deepest rows are independent already: one batched QR settles those proposals
+        first = unit_rows[rows[:, : b - 1]].transpose(1, 2)                          # (N, b, b-1)
+        Qf, Rf = torch.linalg.qr(first)
+        done = (Rf.diagonal(dim1=1, dim2=2).abs() > dep_tol).all(dim=1)
+        basis = torch.where(done[:, None, None], Qf, torch.zeros_like(Qf))
+        count = torch.where(done, b - 1, 0)
+    live = torch.nonzero(count < b - 1).flatten()
     pos = 0
     while pos < k:
         live = live[count[live] < b - 1]
