@@ -287,14 +287,15 @@ def test_four_local_steps_on_distinct_batches_recover_the_sixteen_samples():
     assert int((matched_errors(rec.inputs, x) <= 1e-3).sum()) >= 12
 
 
-def demo_case(sigma: float, b: int = 8, seed: int = 0):
-    """The demo's setting: 32x32 RGB patches, the fc model (first layer 3072 -> 1000), clip 1, noise sigma."""
+def demo_case(sigma: float, b: int = 8, seed: int = 0, clip: float = 1.0):
+    """The demo's setting: 32x32 RGB patches, the fc model (first layer 3072 -> 1000), the update clipped to `clip`,
+    noise of std sigma x clip (`defense=noise`)."""
     data = load_dataset({"name": "patches"})
     model = build_model({"name": "fc"}, data.input_shape, data.num_classes, seed=0)
     x, y = draw_batch(data, b, seed)
-    grads = clip_update(client_gradient(model, x, y), 1.0)
+    grads = clip_update(client_gradient(model, x, y), clip)
     if sigma:
-        grads = gaussian_noise(grads, sigma * 1.0, torch.Generator().manual_seed(1))
+        grads = gaussian_noise(grads, sigma * clip, torch.Generator().manual_seed(1))
     return data, model, x, grads
 
 

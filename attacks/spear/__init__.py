@@ -34,9 +34,14 @@ Full strength on what defenses and training do to an update (issue "SPEAR at ful
   (`zero_tolerance`). On a noisy gradient no exact answer exists and SPEAR's sampling screen, which reads angles
   off (b-2)-row solves, loses the columns; there the large-batch solver runs (`DictionarySearch`): columns proposed
   from the layer's hyperplane arrangement, refined as the least-squares kernels of their zero rows and polished by
-  IRLS (`sparse_directions`), so the answer averages the noise of hundreds of rows. Below the noise's
-  own largest singular value the batch's weakest direction is gone (`stop_reason` "noise"): SPEAR says so in
-  seconds instead of spending its budget.
+  IRLS (`sparse_directions`), so the answer averages the noise of hundreds of rows. Under noise the zero count no
+  longer ranks columns above mixes, and the certificate's band accepts any choice; candidates are then ranked by
+  the share of their clear rows that no single input explains (`DictionarySearch.pattern_scores`). A direction
+  of the batch below the noise's own largest singular value is gone (`noise_limited`: no answer is exact), but the
+  samples it hardly involves are not, so the search still runs; when a quarter of the directions or more are gone
+  SPEAR says so in seconds (`stop_reason` "noise") instead of spending its budget. What the noise leaves to any
+  attack on this layer, least squares with every sample's true output gradient, is measured beside SPEAR's answer
+  by benchmarks/spear_noise_ceiling.py.
 * FedAvg. -delta / lr over T local steps is sum_t G_t X_t^T: rank = distinct samples (`distinct_samples`), right
   factor = the inputs, dbias = the column sums; only the ReLU patterns move with W. The certificate judges a
   pre-activation only where its sign holds at both ends of the round with a margin as wide as the movement.

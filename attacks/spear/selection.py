@@ -34,6 +34,7 @@ class Candidates:
     forced_rows: int = -1   # rows a proposal may force to zero beyond the intersection (-1: b - 1, see `prune`)
     version: int = 0
     excluded: Tensor | None = None  # (c,) set aside for good (`exclude`): ranked with the dominated ones
+    scores: Tensor | None = None    # (c,) noisy gradients: share of sign contradictions (`pattern_scores`), lower first
 
     @classmethod
     def empty(cls, m: int, b: int, forced_rows: int = -1, device: torch.device | str = "cpu") -> "Candidates":
@@ -44,13 +45,18 @@ class Candidates:
     def __len__(self) -> int:
         return self.directions.shape[0]
 
-    def add(self, directions: Tensor, counts: Tensor, masks: Tensor) -> None:
+    def add(self, directions: Tensor, counts: Tensor, masks: Tensor, scores: Tensor | None = None) -> None:
+        """Add directions; `scores` (one per direction) must be given on every add or on none."""
         if directions.shape[0] == 0:
             return
+        if (scores is None) != (self.scores is None) and len(self):
+            raise ValueError("candidates are either all scored or none is")
         before = self.directions
         self.directions = torch.cat((self.directions, directions))
         self.counts = torch.cat((self.counts, counts))
         self.masks = torch.cat((self.masks, masks), dim=1)
+        if scores is not None:
+            self.scores = scores.to(_F64) if self.scores is None else torch.cat((self.scores, scores.to(_F64)))
         fresh = torch.zeros(directions.shape[0], dtype=torch.bool, device=directions.device)
         self.excluded = fresh if self.excluded is None else torch.cat((self.excluded, fresh))
         self.prune()
@@ -81,6 +87,8 @@ class Candidates:
             self.directions, self.counts = self.directions[keep], self.counts[keep]
             self.masks, self.dominated = self.masks[:, keep], self.dominated[keep]
             self.excluded = self.excluded[keep]
+            if self.scores is not None:
+                self.scores = self.scores[keep]
 
     def exclude(self, indices: list[int]) -> None:
         """Set candidates aside for good (a zero pattern no single input explains, see `sign_violations`)."""
@@ -108,9 +116,14 @@ class Candidates:
         return dominated.any(dim=1), floor
 
     def order(self) -> list[int]:
-        """Stage-1 order: directions not dominated first, each group sparsest first."""
+        """Stage-1 order: directions not dominated first, each group sparsest first; scored pools (noisy gradients)
+        by fewest sign contradictions first, sparsest first among equals."""
         key = self.dominated.to(torch.long) * (1 << 40) - self.counts
-        return torch.argsort(key, stable=True).tolist()
+        if self.scores is None:
+            return torch.argsort(key, stable=True).tolist()
+        by_count = torch.argsort(-self.counts, stable=True)
+        key = self.dominated.to(_F64) * 2.0 + self.scores        # scores lie in [0, 1]
+        return by_count[torch.argsort(key[by_count], stable=True)].tolist()
 
 # --- steps 4-6: selection, scales, certificate -------------------------------------------------------------------------
 
