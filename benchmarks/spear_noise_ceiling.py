@@ -10,9 +10,9 @@ For each batch:
   1.1x above the noise's largest singular value (Marchenko-Pastur edge, the true sigma): directions the noise has
   (nearly) swallowed.
 - `ceiling`: the mean per-image PSNR of X = argmin ||G X - dW_noisy|| with the TRUE output gradients G (m x b) of
-  the clean update (G = dW_clean X^+, exact since the batch has rank b), the least-squares estimate an attacker that recovered every sample's output gradient exactly
-  would make. No structure-only attack on this layer does better on average (it is the unbiased estimate given
-  G); an image prior (denoising) could.
+  the clean update (G = dW_clean X^+, exact since the batch has rank b): the least-squares estimate an attacker
+  that recovered every sample's output gradient exactly would make. No structure-only attack on this layer does
+  better on average (it is the unbiased estimate given G); an image prior (denoising) could.
 - `spear`: fedsim's SPEAR (`reconstruct`, default settings, the sample budget counted) on the same noisy update:
   mean per-image PSNR of its answer (matched to the batch), its stop reason and seconds.
 
@@ -34,7 +34,7 @@ from scipy.optimize import linear_sum_assignment
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedsim.attacks.spear import reconstruct  # noqa: E402
-from tests.test_spear import demo_case  # noqa: E402  (the tests' setting and batches)
+from tests.test_spear import demo_case, true_output_gradients  # noqa: E402  (the tests' setting and batches)
 
 
 def matched_psnr(recon_pixels: torch.Tensor, truth_pixels: torch.Tensor) -> float:
@@ -46,11 +46,9 @@ def matched_psnr(recon_pixels: torch.Tensor, truth_pixels: torch.Tensor) -> floa
 
 def one_batch(b: int, seed: int, sigma: float, clip: float) -> dict:
     data, model, x, noisy = demo_case(sigma, b, seed, clip=clip)
-    _, _, _, clean = demo_case(0.0, b, seed, clip=clip)
     layer = model.net[1]
     dW = noisy["net.1.weight"].double()
-    # Each sample's output gradient in the clipped update: dW = G X with X of rank b, so G = dW X^+ (exact).
-    G = clean["net.1.weight"].double() @ torch.linalg.pinv(x.flatten(1).double())          # (m, b)
+    G = true_output_gradients(b, seed, clip=clip)                                        # (m, b)
     m, n = dW.shape
     edge = sigma * clip * (math.sqrt(m - b) + math.sqrt(n - b))
     s = torch.linalg.svdvals(dW)[:b]

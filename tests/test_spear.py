@@ -299,6 +299,12 @@ def demo_case(sigma: float, b: int = 8, seed: int = 0, clip: float = 1.0):
     return data, model, x, grads
 
 
+def true_output_gradients(b: int, seed: int, clip: float = 1.0) -> torch.Tensor:
+    """(m, b): each sample's output gradient in demo_case's clipped update (rank b: dW = G X, so G = dW X^+)."""
+    _, _, x, clean = demo_case(0.0, b, seed, clip=clip)
+    return clean["net.1.weight"].double() @ torch.linalg.pinv(x.flatten(1).double())
+
+
 def test_noisy_gradient_sigma_1e4_is_reconstructed_above_40_db():
     """DP-style noise (clip 1, sigma 1e-4): no exact answer exists, the least-squares directions give a faithful one."""
     data, model, x, grads = demo_case(1e-4)

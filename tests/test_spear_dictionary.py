@@ -15,7 +15,7 @@ from fedsim.attacks.spear.dictionary import (DictionarySearch, complement, deep_
 from fedsim.attacks.spear.factorisation import leading_singular_values, noisy_zero_mask
 from fedsim.attacks.spear.selection import Candidates
 from fedsim.metrics import score
-from tests.test_spear import demo_case, fc_case, matched_errors
+from tests.test_spear import demo_case, fc_case, matched_errors, true_output_gradients
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -202,12 +202,6 @@ def test_noisy_batch_of_32_is_reconstructed_above_35_db():
     assert scores.psnr >= 35 and scores.ssim >= 0.95
 
 
-def _true_output_gradients(b: int, seed: int) -> torch.Tensor:
-    """(m, b): each sample's output gradient in demo_case's clipped update (rank b: dW = G X, so G = dW X^+)."""
-    _, _, x, clean = demo_case(0.0, b, seed)
-    return clean["net.1.weight"].double() @ torch.linalg.pinv(x.flatten(1).double())
-
-
 def test_pattern_scores_rank_columns_above_the_mixes_a_zero_count_prefers():
     """Noise sigma 1e-4 (clip 1), b = 16 (demo_case seed 6): the true columns against mixes q_a +- q_b of the ten
     most similar pairs. By zero count (the exact search's order) five mixes outrank the median column; by the share
@@ -217,7 +211,7 @@ def test_pattern_scores_rank_columns_above_the_mixes_a_zero_count_prefers():
     _, model, _, noisy = demo_case(1e-4, b, 6)
     layer = model.net[1]
     problem, _, _ = prepare(layer.weight, layer.bias, noisy["net.1.weight"], noisy["net.1.bias"], b)
-    Q = problem.L.T @ _true_output_gradients(b, 6)
+    Q = problem.L.T @ true_output_gradients(b, 6)
     Q = Q / Q.norm(dim=0)
     pool = torch.nonzero(problem.row_norm > 0).flatten()
     search = DictionarySearch.create(problem, pool, problem.L.shape[0], b - 1, Candidates.empty(problem.L.shape[0], b),
@@ -240,7 +234,7 @@ def test_noise_sigma_1e4_leaves_a_batch_of_24_near_its_least_squares_ceiling():
     b = 24
     data, model, x, noisy = demo_case(1e-4, b, 0)
     layer = model.net[1]
-    ceiling = torch.linalg.lstsq(_true_output_gradients(b, 0), noisy["net.1.weight"].double()).solution
+    ceiling = torch.linalg.lstsq(true_output_gradients(b, 0), noisy["net.1.weight"].double()).solution
     result = reconstruct(layer.weight, layer.bias, noisy["net.1.weight"], noisy["net.1.bias"], b)
     to_pixels = data.normalization.to_pixels
     psnr = score(to_pixels(result.inputs.float().reshape(x.shape)), to_pixels(x)).psnr

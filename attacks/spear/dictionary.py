@@ -387,8 +387,8 @@ class DictionarySearch:
 
         On a noisy gradient the zero count does not rank columns above mixes: the noise band that holds a column's
         zeros also holds the rows where a mix, or an active sample with a small output gradient, is merely small,
-        and the certificate's band leaves every choice consistent (measured at sigma 1e-4, b = 16..32 on the demo's
-        patches: greedy choices by count kept 2-5 mixes though every column was in the pool). A true column is zero
+        and the certificate's band leaves every choice consistent (measured at sigma 1e-4 on the demo's patches:
+        greedy choices by count kept 2 mixes at b = 24 and 5 at b = 32 though every column was in the pool). A true column is zero
         on its sample's inactive rows and clearly non-zero only where the sample is active, so one input explains
         its clear rows: `sign_violations` on the rows within `_CLEAR_ZERO` noise standard deviations of zero
         (inactive) or beyond `_CLEAR_ACTIVE` (active), the undecided rows left out.
@@ -399,7 +399,7 @@ class DictionarySearch:
             zero = values[:, k] <= _CLEAR_ZERO
             clear = zero | (values[:, k] >= _CLEAR_ACTIVE)
             rows = int(clear.sum())
-            out.append(_fewest_violations(self.A[clear], self.offset[clear], zero[clear]) / rows if rows else 1.0)
+            out.append(sign_violations(self.A[clear], self.offset[clear], zero[clear]) / rows if rows else 1.0)
         return torch.tensor(out, dtype=_F64, device=q.device)
 
 

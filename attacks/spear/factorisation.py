@@ -153,12 +153,7 @@ def factorise(grad_weight: Tensor, batch_size: int | None, gen: torch.Generator)
         if k >= full:
             U, S, Vh = torch.linalg.svd(grad_weight, full_matrices=False)
         else:
-            omega = torch.randn(n, k, generator=gen, dtype=_F64, device="cpu").to(grad_weight.device)
-            Y, _ = torch.linalg.qr(grad_weight @ omega)
-            # One power iteration (a sharper tail). (Y^T dW)^T, not dW^T Y: the same product, but the transposed-A
-            # kernel of CPU BLAS falls 10-15x slower at some widths (float64, 1000 x 3072, k = 16-18 and 42: 130-200 ms
-            # against 10-14 ms, measured), most of a small batch's whole call.
-            Y, _ = torch.linalg.qr(grad_weight @ (Y.T @ grad_weight).T)
+            Y = _range(grad_weight, k, gen, iters=1)  # one power iteration: a sharper tail
             U_small, S, Vh = torch.linalg.svd(Y.T @ grad_weight, full_matrices=False)
             U = Y @ U_small
         rank = estimate_rank(S)
@@ -182,17 +177,24 @@ def leading_singular_values(grad_weight: Tensor, b: int, seed: int, iters: int =
     The factorisation's range finder (b + 10 columns, one power iteration) is sharp on an exact gradient, whose
     spectrum drops by orders of magnitude after b, but under noise it underestimates the weakest of the b: the
     noise's own singular values crowd just below them (measured at sigma 1e-4, b = 16: 0.94 of the noise's edge
-    against 1.27 in a full SVD). 2b + 10 columns and `iters` power iterations: 10 put every value within 0.5% of
-    the full SVD at sigma 1e-4, b = 24 and 32 (6: 1.5%), in 0.15-0.25 s at 1000 x 3072.
+    against 1.27 in a full SVD). 2b + 10 columns and `iters` power iterations: 10 put every value within 0.51% of
+    the full SVD at sigma 1e-4, b = 24 and 32 (6: 1.5%), in 0.15-0.25 s at 1000 x 3072 (b = 16 and 32).
     """
-    m, n = grad_weight.shape
     dW = grad_weight.to(_F64)
-    k = min(m, n, 2 * b + 10)
-    omega = torch.randn(n, k, generator=torch.Generator().manual_seed(seed), dtype=_F64, device="cpu")
-    Y, _ = torch.linalg.qr(dW @ omega.to(dW.device))
+    Y = _range(dW, min(*dW.shape, 2 * b + 10), torch.Generator().manual_seed(seed), iters)
+    return torch.linalg.svdvals(Y.T @ dW)[:b]
+
+
+def _range(dW: Tensor, k: int, gen: torch.Generator, iters: int) -> Tensor:
+    """(m, k) orthonormal basis of the range of dW (float64) sketched with k Gaussian columns (drawn on the CPU from
+    `gen`, so every device draws the same), after `iters` power iterations. (Y^T dW)^T, not dW^T Y: the same product,
+    but the transposed-A kernel of CPU BLAS falls 10-15x slower at some widths (float64, 1000 x 3072, k = 16-18 and
+    42: 130-200 ms against 10-14 ms, measured), most of a small batch's whole call."""
+    omega = torch.randn(dW.shape[1], k, generator=gen, dtype=_F64, device="cpu").to(dW.device)
+    Y, _ = torch.linalg.qr(dW @ omega)
     for _ in range(iters):
         Y, _ = torch.linalg.qr(dW @ (Y.T @ dW).T)
-    return torch.linalg.svdvals(Y.T @ dW)[:b]
+    return Y
 
 
 def _residual_rows(dW: Tensor, L: Tensor, R: Tensor) -> Tensor:

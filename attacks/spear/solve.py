@@ -104,29 +104,30 @@ def _reconstruct(weight: Tensor, bias: Tensor | None, grad_weight: Tensor, grad_
     # search runs. When a quarter of the batch's directions or more are lost, none is run beyond a short look.
     edge = problem.noise_std * (math.sqrt(max(m - b, 1)) + math.sqrt(max(n - b, 1)))
     below = int((leading_singular_values(grad_weight, b, seed) <= _NOISE_FLOOR * edge).sum()) if noisy else 0
-    lost, hopeless = below > 0, below > 0 and 4 * below >= b
+    lost, hopeless = below > 0, 4 * below >= b
     # Mild noise (a FedAvg delta's float32 cancellation, SecAgg+'s quantisation): the sampling search still finds
     # the columns at the tolerance it was tuned with (capped at 1e-3); heavier noise needs the dictionary solver.
     mild = noisy and problem.tol <= _SAMPLING_MAX_TOL
     # auto: the cheaper search, measured (BENCHMARKS.md): sampling on small exact batches and on mildly noisy ones up
     # to b = 24 (its tuned tolerance), the large-batch search otherwise.
     limit = _SAMPLING_MAX_B if noisy else _SAMPLING_EXACT_MAX_B
-    use_dictionary = solver == "dictionary" or (solver == "auto" and ((noisy and not mild) or b > limit))
+    # A batch with a direction lost in the noise is searched by the large-batch search, whatever the solver.
+    use_dictionary = solver == "dictionary" or lost or (solver == "auto" and ((noisy and not mild) or b > limit))
     # The certificate in the gradient's own band (the large-batch search's): on an exact gradient, a selection that
     # breaks the sampling search's wider band is judged there too. A well-fitted sample's gradient column can be
     # 1e-5 of the others', so its active entries fall inside the wider band's zero and read as violations of an
     # exact answer (the demo's clipping-only job at round 50: 1 violation, errors 1e-7, never certified).
     own_band = problem if not noisy else None
-    if not (use_dictionary or lost):
+    if not use_dictionary:
         problem = replace(problem, tol=max(problem.sampling_tol, problem.tol) if mild else problem.sampling_tol)
     tol_zero = problem.tol
     min_zeros = max(b - 1, math.ceil(tau * m_act))
     # The large-batch search's candidates are kernels of all their zero rows, with no forced row: a column whose
     # zero set lies within a few rows of another's is a near-duplicate sample, not a mix (a mix of two columns is
     # zero only on their intersection), so it is not set aside as dominated.
-    cands = Candidates.empty(m, b, forced_rows=_DICTIONARY_FORCED_ROWS if use_dictionary or lost else -1,
+    cands = Candidates.empty(m, b, forced_rows=_DICTIONARY_FORCED_ROWS if use_dictionary else -1,
                              device=problem.L.device)
-    if use_dictionary or lost:
+    if use_dictionary:
         search = DictionarySearch.create(problem, pool, m, min_zeros, cands, noisy=noisy,
                                          moved=weight_after is not None, scored=noisy and not mild and weight_after is None)
     else:
