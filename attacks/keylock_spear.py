@@ -49,7 +49,8 @@ from fedsim.threat import Observation, Reconstruction, TrainMeta
 class KeyLockSpearConfig:
     ignore_lock: bool = knob(False, help="norm=running: use gamma = 1, beta = 0 instead of the attacker's lock "
                                          "(a no-key attacker; exact but uncertified)")
-    max_seconds: float | None = knob(60.0, gt=0, help="SPEAR's wall-clock budget per reconstruction")
+    max_seconds: float | None = knob(300.0, gt=0, help="SPEAR's wall-clock safety net per reconstruction (null: "
+                                                       "none; the budget is max_samples)")
     max_samples: int = knob(20_000_000, ge=1, help="SPEAR's budget of sampled row families")
     chunk: int = knob(4096, ge=16, help="SPEAR's submatrices per batched solve (the time budget is checked between)")
     seed: int = knob(0, help="SPEAR's sampling seed")
@@ -86,8 +87,10 @@ class KeyLockSpear(Attack):
             mu = block.norm.running_mean.detach().double()
             a = gamma / torch.sqrt(block.norm.running_var.detach().double() + block.norm.eps)
             rows = a.abs() > 1e-12           # a = 0: the channel is constant, its gradient rows carry nothing
+            # Only with the client's own gamma and beta is (W', b') the layer: otherwise the sign check fails on the
+            # right answer too, and the search stops on its counted rule, not at the budget.
             result = spear((a[:, None] * W)[rows], (a * (bias - mu) + beta)[rows], (dW / a[:, None])[rows],
-                           (db / a)[rows], b, **budget)
+                           (db / a)[rows], b, layer_known=stats["known_key"] and not cfg.ignore_lock, **budget)
             stats.update(certified_layer="locked", samples=result.samples, seconds=round(result.seconds, 3),
                          stop_reason=result.stop_reason, budget_exhausted=result.budget_exhausted)
             inputs = result.inputs.reshape(result.batch_size, *obs.meta.input_shape).float()

@@ -52,11 +52,11 @@ ACCURACY = ["model=fc", "model.widths=[256,256]", "fl.batch_size=8", "fl.lr=0.5"
 
 SETUP = """Every number comes from a fedsim federation (inline runtime, FedSGD, digits 8x8, 4 IID clients, seed 0). The
 defense acts on what each client sends, its gradient. SPEAR: `model=fc` (256, 256), batch 8, one round, all 4
-clients, SPEAR's own counted budget (20 million sampled row families; key-lock rows: `attack=keylock_spear`, whose
-wall-clock cap is 60 s) unless the command says otherwise; `exact` = fraction of the batch recovered with relative
-error <= 1e-3; "SPEAR stopped" counts the attacked clients by `stop_reason` (certified; converged: a noisy gradient,
-more search changed nothing; noise: the batch's weakest direction is below the noise; samples or seconds: out of
-budget, marked "out of budget"). IG: DLG's sigmoid `lenet`, batch 1, one round, clients 0 and 1, 1000 iterations, no TV;
+clients, SPEAR's own counted budget (20 million sampled row families; key-lock rows: `attack=keylock_spear`, the
+same) unless the command says otherwise; `exact` = fraction of the batch recovered with relative
+error <= 1e-3; "SPEAR stopped" counts the attacked clients by `stop_reason` (certified; converged: no certificate
+could come (a noisy gradient, or a key-lock layer without its key), more search changed nothing; noise: the batch's
+weakest directions are below the noise; samples or seconds: out of budget, marked "out of budget"). IG: DLG's sigmoid `lenet`, batch 1, one round, clients 0 and 1, 1000 iterations, no TV;
 key-lock's `regress_key` and `adaptive` rows run `attack=keylock_inversion` (the same recipe with the lock's unknowns
 optimised). Accuracy: `model=fc` (256, 256), batch 8, lr 0.5, 40 rounds, final global test accuracy (key-lock: the
 clients' own-key `client_accuracy`). Noise: clip C = 1 (clean gradient norms: 1.4 fc, 3.2 lenet), std sigma * C per

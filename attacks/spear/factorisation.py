@@ -54,9 +54,10 @@ class SpearResult:
     confidence; a certified answer has every one at most 1e-3 / 10.
     budget_exhausted: the search stopped at its sample budget or its wall-clock cap without a certified answer
     (the answer might have improved with more budget; a report must not read it as the defense holding).
-    stop_reason: certified, converged (noisy gradient, further search changed nothing), unpinned (a consistent
-    answer, some sample not pinned down by its zero rows, its error estimate too large to certify, and a long
-    stretch of further search found no pinned one; or a fit or bias residual above the certificate's tolerance),
+    stop_reason: certified, converged (no certificate can come: a noisy gradient, or a stand-in layer, see
+    `reconstruct`'s layer_known; further search changed nothing), unpinned (a consistent answer, some sample not
+    pinned down by its zero rows, its error estimate too large to certify, and a long stretch of further search
+    found no pinned one; or a fit or bias residual above the certificate's tolerance),
     noise (a quarter or more of the batch's directions are below the noise's largest singular value: no search is
     run), solved (b <= 2), samples or seconds (budgets).
     solver: the search that ran (sampling or dictionary); noise_limited: at least the batch's weakest direction is

@@ -41,6 +41,7 @@ def reconstruct(
     bias_after: Tensor | None = None,
     seed: int = 0,
     device: torch.device | str | None = None,
+    layer_known: bool = True,
 ) -> SpearResult:
     """SPEAR on one Linear layer followed by ReLU. Shapes as torch.nn.Linear:
 
@@ -63,6 +64,10 @@ def reconstruct(
     seed: seeds the sketch and the search (the result is deterministic given the inputs and the seed).
     device: where the search runs (None: the weight's device). Random draws come from CPU generators and are moved
     there, so a CUDA run makes the same draws as a CPU one; the result's tensors are on that device.
+    layer_known: False when weight and bias are the attacker's stand-in for the layer, not its own (the key-lock's
+    layer without the key): the gradient's zeros still give the batch, but the certificate's sign check fails on
+    the right answer too, so, as on a noisy gradient, the search stops once a counted stretch of samples (or three
+    rounds) improved nothing (`stop_reason` "converged"), not at its budget.
 
     Stops as soon as a certified reconstruction exists; on a noisy gradient, once further search stops changing
     the selection; otherwise at the budget. Never raises on a finite gradient of a valid shape: without an exact
@@ -81,13 +86,15 @@ def reconstruct(
     with single_thread():
         return _reconstruct(weight, bias, grad_weight, grad_bias, batch_size, max_samples=max_samples,
                             max_seconds=max_seconds, tau=tau, tol=tol, subset=subset, chunk=chunk, deflate=deflate,
-                            solver=solver, weight_after=weight_after, bias_after=bias_after, seed=seed)
+                            solver=solver, weight_after=weight_after, bias_after=bias_after, seed=seed,
+                            layer_known=layer_known)
 
 
 def _reconstruct(weight: Tensor, bias: Tensor | None, grad_weight: Tensor, grad_bias: Tensor | None,
                  batch_size: int | None, *, max_samples: int, max_seconds: float | None, tau: float,
                  tol: float | None, subset: int, chunk: int, deflate: bool, solver: str,
-                 weight_after: Tensor | None, bias_after: Tensor | None, seed: int) -> SpearResult:
+                 weight_after: Tensor | None, bias_after: Tensor | None, seed: int,
+                 layer_known: bool = True) -> SpearResult:
     start = time.perf_counter()
     problem, fact, rank = prepare(weight, bias, grad_weight, grad_bias, batch_size, tol=tol, seed=seed,
                                   weight_after=weight_after, bias_after=bias_after)
@@ -170,10 +177,13 @@ def _reconstruct(weight: Tensor, bias: Tensor | None, grad_weight: Tensor, grad_
                 best, best_pinned = found, bool(pinned)
         return best is not None and best.consistency.mismatches == 0 and best_pinned
 
+    # No certificate may ever come: the gradient is noisy, or the layer is a stand-in whose signs are not the batch's.
+    uncertifiable = noisy or not layer_known
+
     def settled() -> bool:
-        """The search may stop without a certificate: the gradient is noisy (none may ever come), or the best
-        choice is consistent but not pinned (near-duplicate samples told apart by a row or two)."""
-        return noisy or (best is not None and best.consistency.mismatches == 0)
+        """The search may stop without a certificate: none may ever come (`uncertifiable`), or the best choice is
+        consistent but not pinned (near-duplicate samples told apart by a row or two)."""
+        return uncertifiable or (best is not None and best.consistency.mismatches == 0)
 
     def out_of_time() -> bool:
         return max_seconds is not None and time.perf_counter() - start > max_seconds
@@ -217,7 +227,7 @@ def _reconstruct(weight: Tensor, bias: Tensor | None, grad_weight: Tensor, grad_
                     break
             stable = stable + 1 if (best is not None and best.indices == before) else 0
             if settled() and best is not None and stable >= 3:
-                stop_reason = "converged" if noisy else "unpinned"
+                stop_reason = "converged" if uncertifiable else "unpinned"
                 break
     elif b == 2:
         search.screen_plane()
@@ -260,7 +270,7 @@ def _reconstruct(weight: Tensor, bias: Tensor | None, grad_weight: Tensor, grad_
             # Noisy, or consistent but unpinned: no certificate may ever come; stop once a long stretch of samples
             # improved nothing.
             if settled() and first_full is not None and search.samples - improved_at >= max(3 * first_full, 100_000):
-                stop_reason = "converged" if noisy else "unpinned"
+                stop_reason = "converged" if uncertifiable else "unpinned"
                 break
     if len(search.cands) >= b and not (best is not None and best.consistency.mismatches == 0 and best_pinned):
         attempt(swaps=4)
