@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from fedsim.attacks.base import Attack, build_attack
 from fedsim.arrays import records
+from fedsim.ceiling import layer_ceiling
 from fedsim.errors import ConfigError
 from fedsim.grids import is_late
 from fedsim.metrics import RECOVERED_SSIM, score
@@ -154,6 +155,7 @@ class AttackRecord:
     reconstruction: Reconstruction | None
     scores: Any = None             # fedsim.metrics.Scores, when ground truth was available
     error: str | None = None       # the attack raised: its message
+    ceiling: Any = None            # Scores of the update's least-squares ceiling (`fedsim.ceiling`), where it applies
 
 
 @dataclass(frozen=True)
@@ -638,8 +640,10 @@ class CuriousStrategy(Strategy):
                           server_round=server_round)
         if grant:
             meta = replace(meta, private={**meta.private, **grant})
+        ceiling = None
         if truth is not None:
             self._check_normalization(truth.inputs, meta, "the audited batch")
+            ceiling = self._ceiling(server_round, client, model, update, truth, meta)
         for attack in self.attacks:
             obs = Observation(server_round, client, copy.deepcopy(model), update, meta, buffers)
             if self.view is not None:
@@ -663,8 +667,21 @@ class CuriousStrategy(Strategy):
                     detail = f"scoring {attack.name} failed: {type(err).__name__}: {str(err)[:300]}"
                     error = error or detail
                     self.recorder.on_fault(Fault(server_round, client, reply.metadata.src_node_id, "score", detail))
-            self.recorder.on_attack(AttackRecord(server_round, client, attack.name, seconds, recon, scores, error),
-                                    truth, meta)
+            self.recorder.on_attack(AttackRecord(server_round, client, attack.name, seconds, recon, scores, error,
+                                                 ceiling), truth, meta)
+
+    def _ceiling(self, server_round: int, client: int, model: nn.Module, update: Mapping[str, Tensor],
+                 truth: GroundTruth, meta: TrainMeta) -> Any:
+        """Scores of what the update leaves to an attacker with every sample's output gradient (`fedsim.ceiling`),
+        once per observation; None where it does not apply. A failure leaves the records' ceiling empty and is
+        logged; it is no fault of the client's (a scorer that raises is recorded once, for the attacks)."""
+        try:
+            estimate = layer_ceiling(model, update, truth, meta)
+            return None if estimate is None else self.scorer(Reconstruction(inputs=estimate), truth, meta)
+        except Exception as err:  # noqa: BLE001 - the ceiling is a reference, the attacks still run and score
+            log.warning("the least-squares ceiling failed on client %s round %s: %s: %s", client, server_round,
+                        type(err).__name__, str(err)[:300])
+            return None
 
     def _mode(self, state: Mapping[str, Tensor], global_state: Mapping[str, Tensor], params: set[str]) -> str:
         """FedSGD replies carry gradients, FedAvg replies carry weights close to the global model."""

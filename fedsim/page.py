@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from fedsim.metrics import RECOVERED_SSIM
 from fedsim.plots import accuracy_by_seed, keylock_summary
 
 CAPTIONS = {
@@ -140,7 +141,8 @@ def _arg(key: str, value: Any) -> str:
     return f"{prefix}{key}={text}"
 
 
-VERDICTS = ("leaked", "defense held", "attack out of budget", "not applicable", "failed", "no defense")
+VERDICTS = ("leaked", "defense held", "attack out of budget", "attack fell short", "not applicable", "failed",
+            "no defense")
 
 
 def verdict(rows: Any, status: str = "complete", error: str | None = None) -> tuple[str, str]:
@@ -149,8 +151,11 @@ def verdict(rows: Any, status: str = "complete", error: str | None = None) -> tu
     failed: the run or every attack raised. not applicable: the configuration was refused (the attack cannot run
     on this model or threat model). leaked: some of a batch identified (exact where nothing is identifiable).
     attack out of budget: nothing identified, and the attack stopped at its budget (SPEAR's
-    `stats.budget_exhausted`) on some update, so the defense is not shown to hold. defense held: nothing
-    identified by an attack that ran to its end.
+    `stats.budget_exhausted`) on some update, so the defense is not shown to hold. attack fell short: nothing
+    identified by an attack that ran to its end, but the updates' least-squares ceiling (`fedsim.ceiling`, what an
+    attacker with every sample's output gradient gets) is recognisable (SSIM >= the recovered threshold): the attack,
+    not the defense, stopped. defense held: nothing identified by an attack that ran to its end, and no ceiling
+    says the updates give the images away.
     """
     import pandas as pd  # heavy: pandas loads only when a table is built
 
@@ -168,6 +173,7 @@ def verdict(rows: Any, status: str = "complete", error: str | None = None) -> tu
     exact = pd.to_numeric(rows.get("exact"), errors="coerce")
     measure, name = (identified, "identified") if identified.notna().any() else (exact, "exact")
     failed_note = f"; {len(errors)} of {len(rows)} attacks raised (counted as recovering nothing)" if len(errors) else ""
+    failed_note += _ceiling_note(rows)
     if measure.notna().any() and measure.mean() > 0:
         text = f"{name} {measure.mean():.0%}"
         if name == "identified" and exact.notna().any():
@@ -180,7 +186,28 @@ def verdict(rows: Any, status: str = "complete", error: str | None = None) -> tu
     if exhausted:
         return "attack out of budget", (f"nothing {name}, but the attack stopped at its budget on {exhausted} of "
                                         f"{len(rows)} updates: inconclusive, not a defense holding" + failed_note)
+    ceiling = pd.to_numeric(rows["ceiling_ssim"], errors="coerce").dropna() if "ceiling_ssim" in rows else None
+    used = pd.to_numeric(rows["recovered_ssim"], errors="coerce").dropna() if "recovered_ssim" in rows else None
+    threshold = float(used.iloc[0]) if used is not None and not used.empty else RECOVERED_SSIM
+    if ceiling is not None and not ceiling.empty and ceiling.mean() >= threshold:
+        return "attack fell short", (f"nothing {name} by the attack, but the updates leave recognisable images to an "
+                                     f"attacker with every sample's output gradient (least-squares ceiling SSIM "
+                                     f"{ceiling.mean():.2f}): the defense is not shown to hold" + failed_note)
     return "defense held", f"nothing {name} by an attack that ran to its end" + failed_note
+
+
+def _ceiling_note(rows: Any) -> str:
+    """'; the update's least-squares ceiling 50.1 dB (attack 42.5 dB)' where records carry it (`fedsim.ceiling`):
+    what the updates left to an attacker with every sample's output gradient, so that an attack's shortfall is not
+    read as the defense's strength."""
+    import pandas as pd  # heavy: pandas loads only when a table is built
+
+    ceiling = pd.to_numeric(rows["ceiling_psnr"], errors="coerce").dropna() if "ceiling_psnr" in rows else None
+    if ceiling is None or ceiling.empty:
+        return ""
+    psnr = pd.to_numeric(rows["psnr"], errors="coerce").dropna() if "psnr" in rows else None
+    attack = f" (attack {psnr.mean():.1f} dB)" if psnr is not None and not psnr.empty else ""
+    return f"; the updates' least-squares ceiling {ceiling.mean():.1f} dB{attack}"
 
 
 def _true(value: Any) -> bool:
@@ -242,7 +269,8 @@ def _badge(status: str, text: str) -> str:
 def _runs_html(runs: Any) -> str:
     columns = [("label", "run"), ("status", "status"), ("rounds_done", "rounds"), ("final_accuracy", "final acc"),
                ("mean_identified", "identified"), ("mean_exact", "exact"), ("mean_recovered", "recovered"),
-               ("mean_psnr", "PSNR"), ("std_psnr", "PSNR sd"), ("mean_ssim", "SSIM"), ("mean_seconds", "attack s"),
+               ("mean_psnr", "PSNR"), ("std_psnr", "PSNR sd"), ("mean_ceiling_psnr", "LS ceiling PSNR"),
+               ("mean_ssim", "SSIM"), ("mean_seconds", "attack s"),
                ("faults", "faults"), ("error", "error")]
     columns = [(c, name) for c, name in columns if c in runs.columns]
     head = "".join(f"<th>{html.escape(name)}</th>" for _, name in columns)
@@ -272,7 +300,7 @@ def _fmt(col: str, value: Any) -> str:
         return "-"
     if col in ("final_accuracy", "mean_exact", "mean_identified", "mean_recovered"):
         return f"{float(value):.1%}"
-    if col in ("mean_psnr", "std_psnr"):
+    if col in ("mean_psnr", "std_psnr", "mean_ceiling_psnr"):
         return f"{float(value):.1f}"
     if col in ("mean_ssim",):
         return f"{float(value):.3f}"
@@ -301,7 +329,8 @@ def _pct(value: float | None) -> str:
 
 def summary(runs: Any, anchors: dict[str, str] | None = None, tidy: Any = None) -> list[str]:
     """One sentence (HTML) per defense: for each of its settings, what the attack identified at the first and the
-    last attacked round, the epsilon where the setting has one, the final accuracy (mean over seeds) and its cost
+    last attacked round (with the updates' least-squares ceiling where records carry it), the epsilon where the
+    setting has one, the final accuracy (mean over seeds) and its cost
     in points against no defense, and a link to the setting's image grids."""
     import pandas as pd  # heavy: pandas loads only when a table is built
 
@@ -336,6 +365,10 @@ def summary(runs: Any, anchors: dict[str, str] | None = None, tidy: Any = None) 
             attacks = pd.to_numeric(setting.get("attacks"), errors="coerce").fillna(0).sum()
             if attacks and raised == attacks:
                 leak = "every attack raised (nothing measured)"
+            ceiling = _num(pd.to_numeric(setting.get("mean_ceiling_psnr"), errors="coerce").mean()) \
+                if "mean_ceiling_psnr" in setting else None
+            if ceiling is not None:   # what the updates leave to any attack on the first layer (fedsim.ceiling)
+                leak += f" (least-squares ceiling {ceiling:.1f} dB)"
             text = html.escape(_setting_words(str(label), defense)) if defense != "none" else ""
             eps = _num(pd.to_numeric(setting.get("epsilon"), errors="coerce").max()) if "epsilon" in setting else None
             if eps is not None:

@@ -335,7 +335,7 @@ def runs_table(jobs: list[Job], tidy=None):
                "final_accuracy": final_accuracy(_final_round(job)),
                "faults": sum(1 for r in job.results if r.get("kind") == "fault")}
         part = tidy[tidy["run"] == job.name] if "run" in tidy.columns else tidy.iloc[0:0]
-        for metric in HEADLINE_METRICS + ("label_set_acc", "seconds"):
+        for metric in HEADLINE_METRICS + ("label_set_acc", "seconds", "ceiling_psnr"):
             if metric in part.columns:
                 values = pd.to_numeric(part[metric], errors="coerce").dropna()
                 row[f"mean_{metric}"] = float(values.mean()) if len(values) else None

@@ -306,6 +306,8 @@ class RunRecorder:
         row["recovered_labels"] = (recon.labels.tolist() if recon is not None and recon.labels is not None
                                    else None)
         row["seconds"] = record.seconds
+        for key in ("psnr", "ssim", "exact"):   # fedsim.ceiling: the update's least-squares ceiling, where it applies
+            row[f"ceiling_{key}"] = getattr(record.ceiling, key) if record.ceiling is not None else None
         row["stats"] = dict(recon.stats) if recon is not None else {}
         row["error"] = record.error
         self.writer.record(row)

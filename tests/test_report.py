@@ -232,6 +232,23 @@ def test_findings_say_why_nothing_leaked(rows, status, expected):
     assert kind == expected and why
 
 
+def test_a_finding_names_the_ceiling_beside_the_attack_so_its_shortfall_is_not_read_as_the_defense():
+    from fedsim.page import verdict
+
+    rows = _rows(attack=["spear"] * 2, identified=[0.0, 0.0], exact=[0.0, 0.0], psnr=[12.0, 14.0],
+                 ceiling_psnr=[35.0, 37.0], ceiling_ssim=[0.93, 0.95], error=[None, None])
+    kind, why = verdict(rows)     # the updates give recognisable images away: not the defense's verdict to claim
+    assert kind == "attack fell short" and "SSIM 0.94" in why
+    assert why.endswith("the updates' least-squares ceiling 36.0 dB (attack 13.0 dB)")
+    kind, why = verdict(rows.assign(ceiling_psnr=[9.0, 11.0], ceiling_ssim=[0.2, 0.3]))
+    assert kind == "defense held" and why.endswith("ceiling 10.0 dB (attack 13.0 dB)")
+    kind, why = verdict(rows.assign(recovered_ssim=[0.99, 0.99]))    # the run's own threshold
+    assert kind == "defense held"
+    assert verdict(rows.drop(columns=["ceiling_psnr", "ceiling_ssim"])) == ("defense held",
+                                                                           "nothing identified by an attack that ran "
+                                                                           "to its end")
+
+
 def test_an_attack_that_always_raised_gets_no_plot_and_a_note_saying_so(tmp_path):
     from fedsim.plots import make_plots
 
