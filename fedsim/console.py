@@ -124,7 +124,7 @@ class RunConsole:
         self.console.print(f"results: {directory}")
 
 
-STUDY_COLUMNS = ("setting", "identified", "exact", "PSNR dB", "SSIM", "final acc", "attacked rounds")
+STUDY_COLUMNS = ("setting", "identified", "exact", "PSNR dB", "LS ceiling dB", "SSIM", "final acc", "attacked rounds")
 
 
 def setting_name(label: str) -> str:
@@ -134,8 +134,9 @@ def setting_name(label: str) -> str:
 
 def study_rows(runs: Any) -> list[tuple[str, ...]]:
     """One row of text per setting of a study (`fedsim.report.runs_table`; runs that differ only in their seed are
-    one setting): the setting; the share of each batch identified and recovered exactly, PSNR and SSIM, each at
-    the first and the last attacked round (`first -> last`) when the run attacked more than one round; the final
+    one setting): the setting; the share of each batch identified and recovered exactly, PSNR, the updates'
+    least-squares ceiling PSNR (`fedsim.ceiling`) and SSIM, each at the first and the last attacked round
+    (`first -> last`) when the run attacked more than one round; the final
     accuracy (mean and spread over seeds when there are several); the attacked rounds. "-": not scored."""
     def num(row: Mapping[str, Any], key: str) -> float | None:
         value = row.get(key)
@@ -175,7 +176,8 @@ def study_rows(runs: Any) -> list[tuple[str, ...]]:
             acc += f" ± {100 * spread:.1f} ({len(accs)} seeds)"
         rounds = "-" if first is None else (f"{first:.0f} → {last:.0f}" if both else f"{first:.0f}")
         out.append((setting, cell("identified", pct), cell("exact", pct), cell("psnr", lambda v: _fmt(v, ".1f")),
-                    cell("ssim", lambda v: _fmt(v, ".3f")), acc, rounds))
+                    cell("ceiling_psnr", lambda v: _fmt(v, ".1f")), cell("ssim", lambda v: _fmt(v, ".3f")), acc,
+                    rounds))
     return out
 
 
@@ -183,7 +185,9 @@ def study_table(runs: Any, title: str) -> Table:
     """One row per run of a study (`fedsim.report.runs_table`): the setting, attack success, final accuracy."""
     table = Table(title=title, caption="identified: share of each batch whose reconstruction picks out the true "
                                        "sample among the client's data; a -> b: at the first and the last attacked "
-                                       "round; -: not scored (see report/runs.csv)")
+                                       "round; LS ceiling: PSNR of least squares with every sample's true "
+                                       "output gradient, what the update leaves to any attack on the first layer; "
+                                       "-: not scored (see report/runs.csv)")
     table.add_column(STUDY_COLUMNS[0], justify="left", no_wrap=True)
     for name in STUDY_COLUMNS[1:]:
         table.add_column(name, justify="right", no_wrap=True)

@@ -365,10 +365,15 @@ def summary(runs: Any, anchors: dict[str, str] | None = None, tidy: Any = None) 
             attacks = pd.to_numeric(setting.get("attacks"), errors="coerce").fillna(0).sum()
             if attacks and raised == attacks:
                 leak = "every attack raised (nothing measured)"
-            ceiling = _num(pd.to_numeric(setting.get("mean_ceiling_psnr"), errors="coerce").mean()) \
-                if "mean_ceiling_psnr" in setting else None
-            if ceiling is not None:   # what the updates leave to any attack on the first layer (fedsim.ceiling)
-                leak += f" (least-squares ceiling {ceiling:.1f} dB)"
+            def ceiling(column: str) -> float | None:   # what the updates leave to any attack on the first layer
+                return _num(pd.to_numeric(setting.get(column), errors="coerce").mean()) if column in setting else None
+
+            c_first, c_last = ceiling("first_ceiling_psnr"), ceiling("last_ceiling_psnr")
+            if first is not None and last is not None and first != last and c_first is not None \
+                    and c_last is not None:
+                leak += f" (least-squares ceiling {c_first:.1f} and {c_last:.1f} dB)"
+            elif ceiling("mean_ceiling_psnr") is not None:
+                leak += f" (least-squares ceiling {ceiling('mean_ceiling_psnr'):.1f} dB)"
             text = html.escape(_setting_words(str(label), defense)) if defense != "none" else ""
             eps = _num(pd.to_numeric(setting.get("epsilon"), errors="coerce").max()) if "epsilon" in setting else None
             if eps is not None:

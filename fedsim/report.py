@@ -376,7 +376,7 @@ def _first_and_last(attacked) -> dict[str, Any]:
     for when, number in (("first", rounds.min()), ("last", rounds.max())):
         part = attacked[pd.to_numeric(attacked["round"], errors="coerce") == number]
         out[f"{when}_round"] = int(number)
-        for metric in ("identified", "exact", "psnr", "ssim"):
+        for metric in ("identified", "exact", "psnr", "ssim", "ceiling_psnr"):
             if metric in part.columns:
                 values = pd.to_numeric(part[metric], errors="coerce").dropna()
                 out[f"{when}_{metric}"] = float(values.mean()) if len(values) else None

@@ -108,7 +108,7 @@ def test_the_command_line_writes_the_report_and_says_where(sweep, tmp_path, caps
     capsys.readouterr()
     assert main(["--markdown", str(sweep)]) == 0                        # the study table, as README shows it
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "| setting | identified | exact | PSNR dB | SSIM | final acc | attacked rounds |"
+    assert lines[0] == "| setting | identified | exact | PSNR dB | LS ceiling dB | SSIM | final acc | attacked rounds |"
     assert len(lines) == 2 + 3
     # each cell at the first and the last attacked round
     assert "| fl.batch_size=1 | 100% → 100% | 100% → 100% | 100.0 → 100.0 |" in "\n".join(lines)
@@ -339,3 +339,6 @@ def test_the_first_screen_says_per_defense_what_leaked_its_epsilon_and_accuracy_
     assert len(lines) == 2 and lines[0].startswith("<b>No defense (against spear)</b>")
     assert ("sigma=0.5 (ε = 12.5): identified 100% at round 1, 25% at round 50, final accuracy 55.0% "
             "(-5.0 points against no defense) <a href='#grids-b'>grids</a>") in lines[1]
+    # with the updates' least-squares ceiling recorded, it stands beside the attack's share, at both rounds
+    runs = runs.assign(first_ceiling_psnr=[100.0, 39.9], last_ceiling_psnr=[100.0, 34.0])
+    assert "25% at round 50 (least-squares ceiling 39.9 and 34.0 dB), final" in summary(runs, {}, tidy)[1]
