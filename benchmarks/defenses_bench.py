@@ -56,7 +56,8 @@ clients, SPEAR's own counted budget (20 million sampled row families; key-lock r
 same) unless the command says otherwise; `exact` = fraction of the batch recovered with relative
 error <= 1e-3; "SPEAR stopped" counts the attacked clients by `stop_reason` (certified; converged: no certificate
 could come (a noisy gradient, or a key-lock layer without its key), more search changed nothing; noise: the batch's
-weakest directions are below the noise; samples or seconds: out of budget, marked "out of budget"). IG: DLG's sigmoid `lenet`, batch 1, one round, clients 0 and 1, 1000 iterations, no TV;
+weakest directions are below the noise; samples or seconds: out of budget, marked "out of budget"). IG: DLG's
+sigmoid `lenet`, batch 1, one round, clients 0 and 1, 1000 iterations, no TV;
 key-lock's `regress_key` and `adaptive` rows run `attack=keylock_inversion` (the same recipe with the lock's unknowns
 optimised). Accuracy: `model=fc` (256, 256), batch 8, lr 0.5, 40 rounds, final global test accuracy (key-lock: the
 clients' own-key `client_accuracy`). Noise: clip C = 1 (clean gradient norms: 1.4 fc, 3.2 lenet), std sigma * C per

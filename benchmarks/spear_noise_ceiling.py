@@ -38,8 +38,8 @@ from scipy.optimize import linear_sum_assignment
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedsim.attacks.spear import prepare, reconstruct  # noqa: E402
-from fedsim.attacks.spear.selection import _solve_inputs, disaggregate  # noqa: E402
-from tests.test_spear import demo_case, true_output_gradients  # noqa: E402  (the tests' setting and batches)
+from tests.test_spear import (demo_case, true_directions_inputs,  # noqa: E402  (the tests' setting and batches)
+                              true_output_gradients)
 
 
 def matched_psnr(recon_pixels: torch.Tensor, truth_pixels: torch.Tensor) -> float:
@@ -61,9 +61,7 @@ def one_batch(b: int, seed: int, sigma: float, clip: float) -> dict:
     truth = to_pixels(x)
     ceiling = torch.linalg.lstsq(G, dW).solution                                         # (b, n)
     problem, _, _ = prepare(layer.weight, layer.bias, noisy["net.1.weight"], noisy["net.1.bias"], b)
-    inside = problem.L.T @ G                                                             # (b, b) true directions
-    Q, _ = disaggregate(problem, (inside / inside.norm(dim=0, keepdim=True))[None])
-    subspace = _solve_inputs(Q[0], problem.R)
+    subspace, share = true_directions_inputs(problem, G)
     start = time.perf_counter()
     result = reconstruct(layer.weight, layer.bias, noisy["net.1.weight"], noisy["net.1.bias"], b)
     seconds = time.perf_counter() - start
@@ -72,7 +70,7 @@ def one_batch(b: int, seed: int, sigma: float, clip: float) -> dict:
         "below_edge": int((s <= 1.1 * edge).sum()), "weakest_over_edge": float(s[-1] / edge),
         "ceiling_psnr": matched_psnr(to_pixels(ceiling.float().reshape(x.shape)), truth),
         "subspace_psnr": matched_psnr(to_pixels(subspace.float().reshape(x.shape)), truth),
-        "share_in_subspace_min": float((inside.norm(dim=0) / G.norm(dim=0)).min()),
+        "share_in_subspace_min": float(share.min()),
         "spear_psnr": matched_psnr(to_pixels(result.inputs.float().reshape(x.shape)), truth),
         "spear_stop": result.stop_reason, "spear_seconds": round(seconds, 2), "spear_samples": result.samples,
         "noise_limited": result.noise_limited,
@@ -95,7 +93,8 @@ def main(argv: list[str] | None = None) -> None:
         for seed in args.seeds:
             row = one_batch(b, seed, args.sigma, args.clip)
             print(f"| {b} | {seed} | {row['below_edge']} | {row['weakest_over_edge']:.2f} | {row['ceiling_psnr']:.1f} "
-                  f"| {row['subspace_psnr']:.1f} | {row['spear_psnr']:.1f} | {row['spear_stop']} | {row['spear_seconds']:.1f} |", flush=True)
+                  f"| {row['subspace_psnr']:.1f} | {row['spear_psnr']:.1f} | {row['spear_stop']} "
+                  f"| {row['spear_seconds']:.1f} |", flush=True)
             if args.json is not None:
                 with args.json.open("a") as f:
                     f.write(json.dumps(row) + "\n")

@@ -2,12 +2,12 @@
 
 A FedSGD update of a model whose first layer is Linear + ReLU carries `dW = c G X^T + noise` for that layer:
 X the batch (b x n), G (m x b) each sample's output gradient dL/dZ, c <= 1 the clipping factor of the whole update.
-An attacker that recovered every column of G exactly (what SPEAR's and the large-batch search's searches look
-for) would take `X = argmin ||c G X - dW||`. Under clipping and additive noise that is the unbiased estimate
-given G, and its score is the **ceiling**: no attack on this layer's algebra alone does better on average (an image
-prior could), so "defense X stops attack Y" can be read against it. Under other defenses (pruning zeroes entries)
-it is what least squares gives that attacker, not a bound. When an attack scores far below the ceiling, the attack, not the defense, stopped it
-(`benchmarks/spear_noise_ceiling.py`: SPEAR at b = 32 under noise sigma 1e-4 gets 20.1 dB, the ceiling 35.5).
+An attacker that recovered every column of G exactly (what both of SPEAR's searches look for) would take
+`X = argmin ||c G X - dW||`. Under clipping and additive noise that is the unbiased estimate given G, and its score
+is the **ceiling**: no attack on this layer's algebra alone does better on average (an image prior could), so
+"defense X stops attack Y" can be read against it. When an attack scores far below it, the attack, not the noise,
+stopped it (`benchmarks/spear_noise_ceiling.py`: SPEAR at b = 32 under noise sigma 1e-4 gets 20.1 dB, the ceiling
+35.5). Under other defenses (pruning zeroes entries) it is what least squares gives that attacker, not a bound.
 
 Scorer-side only: it reads the ground truth (the batch and its labels) to compute G and c, never hands anything
 to an attack. It applies to FedSGD updates (a FedAvg update mixes the patterns of several steps) of a model

@@ -677,7 +677,9 @@ class CuriousStrategy(Strategy):
         logged; it is no fault of the client's (a scorer that raises is recorded once, for the attacks)."""
         try:
             estimate = layer_ceiling(model, update, truth, meta)
-            return None if estimate is None else self.scorer(Reconstruction(inputs=estimate), truth, meta)
+            # psnr, ssim and exact are recorded: no identification against the client's partition
+            return None if estimate is None else self.scorer(Reconstruction(inputs=estimate),
+                                                             replace(truth, partition=None), meta)
         except Exception as err:  # noqa: BLE001 - the ceiling is a reference, the attacks still run and score
             log.warning("the least-squares ceiling failed on client %s round %s: %s: %s", client, server_round,
                         type(err).__name__, str(err)[:300])

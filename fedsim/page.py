@@ -172,42 +172,45 @@ def verdict(rows: Any, status: str = "complete", error: str | None = None) -> tu
     identified = pd.to_numeric(rows.get("identified"), errors="coerce")
     exact = pd.to_numeric(rows.get("exact"), errors="coerce")
     measure, name = (identified, "identified") if identified.notna().any() else (exact, "exact")
-    failed_note = f"; {len(errors)} of {len(rows)} attacks raised (counted as recovering nothing)" if len(errors) else ""
-    failed_note += _ceiling_note(rows)
+    tail = f"; {len(errors)} of {len(rows)} attacks raised (counted as recovering nothing)" if len(errors) else ""
+    tail += _ceiling_note(rows)
     if measure.notna().any() and measure.mean() > 0:
         text = f"{name} {measure.mean():.0%}"
         if name == "identified" and exact.notna().any():
             text += f", exact {exact.mean():.0%}"
-        return "leaked", text + failed_note
+        return "leaked", text + tail
     if not measure.notna().any():
         return "failed", "no reconstruction was scored (no ground truth, or the attack returns no inputs)"
     budget = rows.get("stats.budget_exhausted")
     exhausted = int(budget.map(_true).sum()) if budget is not None else 0
     if exhausted:
         return "attack out of budget", (f"nothing {name}, but the attack stopped at its budget on {exhausted} of "
-                                        f"{len(rows)} updates: inconclusive, not a defense holding" + failed_note)
-    ceiling = pd.to_numeric(rows["ceiling_ssim"], errors="coerce").dropna() if "ceiling_ssim" in rows else None
-    used = pd.to_numeric(rows["recovered_ssim"], errors="coerce").dropna() if "recovered_ssim" in rows else None
-    threshold = float(used.iloc[0]) if used is not None and not used.empty else RECOVERED_SSIM
-    if ceiling is not None and not ceiling.empty and ceiling.mean() >= threshold:
+                                        f"{len(rows)} updates: inconclusive, not a defense holding" + tail)
+    ceiling, used = _numbers(rows, "ceiling_ssim"), _numbers(rows, "recovered_ssim")
+    threshold = float(used.iloc[0]) if len(used) else RECOVERED_SSIM
+    if len(ceiling) and ceiling.mean() >= threshold:
         return "attack fell short", (f"nothing {name} by the attack, but the updates leave recognisable images to an "
                                      f"attacker with every sample's output gradient (least-squares ceiling SSIM "
-                                     f"{ceiling.mean():.2f}): the defense is not shown to hold" + failed_note)
-    return "defense held", f"nothing {name} by an attack that ran to its end" + failed_note
+                                     f"{ceiling.mean():.2f}): the defense is not shown to hold" + tail)
+    return "defense held", f"nothing {name} by an attack that ran to its end" + tail
 
 
 def _ceiling_note(rows: Any) -> str:
     """'; the update's least-squares ceiling 50.1 dB (attack 42.5 dB)' where records carry it (`fedsim.ceiling`):
     what the updates left to an attacker with every sample's output gradient, so that an attack's shortfall is not
     read as the defense's strength."""
+    ceiling, psnr = _numbers(rows, "ceiling_psnr"), _numbers(rows, "psnr")
+    if not len(ceiling):
+        return ""
+    attack = f" (attack {psnr.mean():.1f} dB)" if len(psnr) else ""
+    return f"; the updates' least-squares ceiling {ceiling.mean():.1f} dB{attack}"
+
+
+def _numbers(rows: Any, column: str) -> Any:
+    """The numbers in one column of a table (a pandas Series without its blanks; empty when the column is absent)."""
     import pandas as pd  # heavy: pandas loads only when a table is built
 
-    ceiling = pd.to_numeric(rows["ceiling_psnr"], errors="coerce").dropna() if "ceiling_psnr" in rows else None
-    if ceiling is None or ceiling.empty:
-        return ""
-    psnr = pd.to_numeric(rows["psnr"], errors="coerce").dropna() if "psnr" in rows else None
-    attack = f" (attack {psnr.mean():.1f} dB)" if psnr is not None and not psnr.empty else ""
-    return f"; the updates' least-squares ceiling {ceiling.mean():.1f} dB{attack}"
+    return pd.to_numeric(rows[column], errors="coerce").dropna() if column in rows else pd.Series(dtype=float)
 
 
 def _true(value: Any) -> bool:
@@ -355,7 +358,8 @@ def summary(runs: Any, anchors: dict[str, str] | None = None, tidy: Any = None) 
         for label, setting in part.groupby("label", sort=False):
             first, last = _num(setting.get("first_round").mean()) if "first_round" in setting else None, \
                 _num(setting.get("last_round").mean()) if "last_round" in setting else None
-            if first is not None and last is not None and first != last:
+            both = first is not None and last is not None and first != last
+            if both:
                 f_id = _num(pd.to_numeric(setting.get("first_identified"), errors="coerce").mean())
                 l_id = _num(pd.to_numeric(setting.get("last_identified"), errors="coerce").mean())
                 leak = f"identified {_pct(f_id)} at round {first:.0f}, {_pct(l_id)} at round {last:.0f}"
@@ -365,15 +369,13 @@ def summary(runs: Any, anchors: dict[str, str] | None = None, tidy: Any = None) 
             attacks = pd.to_numeric(setting.get("attacks"), errors="coerce").fillna(0).sum()
             if attacks and raised == attacks:
                 leak = "every attack raised (nothing measured)"
-            def ceiling(column: str) -> float | None:   # what the updates leave to any attack on the first layer
-                return _num(pd.to_numeric(setting.get(column), errors="coerce").mean()) if column in setting else None
-
-            c_first, c_last = ceiling("first_ceiling_psnr"), ceiling("last_ceiling_psnr")
-            if first is not None and last is not None and first != last and c_first is not None \
-                    and c_last is not None:
+            # what the updates leave to any attack on the first layer (fedsim.ceiling), where records carry it
+            c_first, c_last, c_mean = (_num(_numbers(setting, f"{when}_ceiling_psnr").mean())
+                                       for when in ("first", "last", "mean"))
+            if both and c_first is not None and c_last is not None:
                 leak += f" (least-squares ceiling {c_first:.1f} and {c_last:.1f} dB)"
-            elif ceiling("mean_ceiling_psnr") is not None:
-                leak += f" (least-squares ceiling {ceiling('mean_ceiling_psnr'):.1f} dB)"
+            elif c_mean is not None:
+                leak += f" (least-squares ceiling {c_mean:.1f} dB)"
             text = html.escape(_setting_words(str(label), defense)) if defense != "none" else ""
             eps = _num(pd.to_numeric(setting.get("epsilon"), errors="coerce").max()) if "epsilon" in setting else None
             if eps is not None:

@@ -17,6 +17,7 @@ from torch import nn
 
 from fedsim.attacks.base import build_attack
 from fedsim.attacks.spear import Spear, certify, first_linear_relu, prepare, reconstruct
+from fedsim.attacks.spear.selection import _solve_inputs, disaggregate
 from fedsim.defenses.noise import clip_update, gaussian_noise
 from fedsim.metrics import score
 from fedsim.data import load_dataset
@@ -303,6 +304,16 @@ def true_output_gradients(b: int, seed: int, clip: float = 1.0) -> torch.Tensor:
     """(m, b): each sample's output gradient in demo_case's clipped update (rank b: dW = G X, so G = dW X^+)."""
     _, _, x, clean = demo_case(0.0, b, seed, clip=clip)
     return clean["net.1.weight"].double() @ torch.linalg.pinv(x.flatten(1).double())
+
+
+def true_directions_inputs(problem, G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SPEAR's last step (scales from the bias gradient, `disaggregate`, then the inverse) on the TRUE output
+    gradients G (m, b) projected onto the update's leading column space `problem.L`, where SPEAR searches: the
+    inputs (b, n) a search that found every direction would return, and each column's share of its norm inside."""
+    inside = problem.L.T @ G
+    Q, ok = disaggregate(problem, (inside / inside.norm(dim=0))[None])
+    assert bool(ok[0])
+    return _solve_inputs(Q[0], problem.R), inside.norm(dim=0) / G.norm(dim=0)
 
 
 def test_noisy_gradient_sigma_1e4_is_reconstructed_above_40_db():

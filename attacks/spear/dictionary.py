@@ -388,9 +388,9 @@ class DictionarySearch:
         On a noisy gradient the zero count does not rank columns above mixes: the noise band that holds a column's
         zeros also holds the rows where a mix, or an active sample with a small output gradient, is merely small,
         and the certificate's band leaves every choice consistent (measured at sigma 1e-4 on the demo's patches:
-        greedy choices by count kept 2 mixes at b = 24 and 5 at b = 32 though every column was in the pool). A true column is zero
-        on its sample's inactive rows and clearly non-zero only where the sample is active, so one input explains
-        its clear rows: `sign_violations` on the rows within `_CLEAR_ZERO` noise standard deviations of zero
+        greedy choices by count kept 2 mixes at b = 24 and 5 at b = 32 though every column was in the pool). A
+        true column is zero on its sample's inactive rows and clearly non-zero only where the sample is active, so
+        one input explains its clear rows: `sign_violations` on the rows within `_CLEAR_ZERO` noise standard deviations of zero
         (inactive) or beyond `_CLEAR_ACTIVE` (active), the undecided rows left out.
         """
         values = (self.L @ q.T).abs() / direction_noise(self.problem, q)[None, :]        # (m', c)

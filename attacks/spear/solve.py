@@ -94,7 +94,7 @@ def _reconstruct(weight: Tensor, bias: Tensor | None, grad_weight: Tensor, grad_
                  batch_size: int | None, *, max_samples: int, max_seconds: float | None, tau: float,
                  tol: float | None, subset: int, chunk: int, deflate: bool, solver: str,
                  weight_after: Tensor | None, bias_after: Tensor | None, seed: int,
-                 layer_known: bool = True) -> SpearResult:
+                 layer_known: bool) -> SpearResult:
     start = time.perf_counter()
     problem, fact, rank = prepare(weight, bias, grad_weight, grad_bias, batch_size, tol=tol, seed=seed,
                                   weight_after=weight_after, bias_after=bias_after)
@@ -136,7 +136,8 @@ def _reconstruct(weight: Tensor, bias: Tensor | None, grad_weight: Tensor, grad_
                              device=problem.L.device)
     if use_dictionary:
         search = DictionarySearch.create(problem, pool, m, min_zeros, cands, noisy=noisy,
-                                         moved=weight_after is not None, scored=noisy and not mild and weight_after is None)
+                                         moved=weight_after is not None,
+                                         scored=noisy and not mild and weight_after is None)
     else:
         search = Search(
             act_rows=problem.unit_rows[pool], pool=pool, m=m, min_zeros=min_zeros,
